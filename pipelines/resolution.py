@@ -35,7 +35,7 @@ class ResolutionSchedule(Protocol):
 
 
 def _check_epoch(epoch: int) -> None:
-    if not isinstance(epoch, int) or epoch < 0:
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
 
 
@@ -45,7 +45,8 @@ def _check_res(name: str, res: int) -> None:
 
 
 def _check_bs(batch_size: int | None) -> None:
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
 
 
@@ -180,6 +181,8 @@ def schedule_from_dict(spec: int | Mapping[str, Any] | ResolutionSchedule) -> Re
         if kind == "ramp":
             return LinearRamp(**spec)
         if kind == "phases":
+            if "phases" not in spec:
+                raise TypeError("missing the 'phases' list")
             raw: Sequence[Mapping[str, Any]] = spec.pop("phases")
             if spec:
                 raise TypeError(f"unexpected keys {sorted(spec)}")
