@@ -16,6 +16,7 @@ import abc
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,13 +51,18 @@ def check_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"mixing needs a batch of at least 2 images, got {n}")
+    check_labels(labels, n, x.device, num_classes)
+
+
+def check_labels(labels: torch.Tensor, n: int, device: torch.device, num_classes: int) -> None:
+    """Raise a ValueError naming the problem unless ``labels`` are ``n`` class indices on ``device``."""
     if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},) to match the images, got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
-    if labels.device != x.device:
-        raise ValueError(f"labels are on {labels.device} but images on {x.device}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but images on {device}")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
@@ -109,6 +115,16 @@ def random_perm(n: int, device: torch.device, generator: torch.Generator | None)
     """A random pairing ``perm`` of the batch (drawn on the generator's device)."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     return torch.randperm(n, generator=generator, device=gen_device).to(device)
+
+
+def random_beta(alpha: float, generator: torch.Generator | None) -> float:
+    """One draw of Beta(alpha, alpha), reproducible from ``generator``.
+
+    torch's Beta sampler takes no generator, so numpy's is seeded with one draw from it.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(2**62, (), generator=generator, device=gen_device))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def check_perm(perm: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
