@@ -111,10 +111,14 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def generator_device(generator: torch.Generator | None) -> torch.device:
+    """Where random draws from ``generator`` happen (the CPU for the global generator)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def random_perm(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """A random pairing ``perm`` of the batch (drawn on the generator's device)."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randperm(n, generator=generator, device=gen_device).to(device)
+    return torch.randperm(n, generator=generator, device=generator_device(generator)).to(device)
 
 
 def random_beta(alpha: float, generator: torch.Generator | None) -> float:
@@ -122,8 +126,7 @@ def random_beta(alpha: float, generator: torch.Generator | None) -> float:
 
     torch's Beta sampler takes no generator, so numpy's is seeded with one draw from it.
     """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    seed = int(torch.randint(2**62, (), generator=generator, device=gen_device))
+    seed = int(torch.randint(2**62, (), generator=generator, device=generator_device(generator)))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
