@@ -1,0 +1,423 @@
+"""DaliLoader and DaliAdaptor on real DALI (CPU) over real JPEG trees written here.
+
+Coded images (``tests/imagefiles.py``) tell which file every delivered image came from, so the
+tests check label alignment, shard coverage, duplicates and order from the pixels themselves.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from pipelines import OutputSpec, Phase, Phases, Shard, make_loader
+from pipelines.base import IMAGENET_MEAN_255, IMAGENET_STD_255
+from pipelines.dali import DaliAdaptor, DaliLoader
+from tests.imagefiles import (BAD_FILE_WRITERS, DECODABLE, add_bad_file, add_empty_class,
+                              code_color, decode_batch, expected_rgb, make_unreadable,
+                              write_coded_tree)
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES, PER_CLASS = 4, 12
+N = CLASSES * PER_CLASS
+CPU = OutputSpec(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coded")
+    write_coded_tree(root, classes=CLASSES, per_class=PER_CLASS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def label_of() -> np.ndarray:
+    """Class of each dataset index, in ImageFolder order."""
+    return np.repeat(np.arange(CLASSES), PER_CLASS)
+
+
+def loader(root, *, train=False, batch_size=5, resolution=32, output=CPU, **kw) -> DaliLoader:
+    return DaliLoader(root, train=train, batch_size=batch_size, resolution=resolution,
+                      output=output, num_workers=1, **kw)
+
+
+def run_epoch(loader, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def decoded(batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels delivered, labels decoded from pixels, indices decoded from pixels), flattened."""
+    given = np.concatenate([y.numpy() for _, y in batches])
+    pairs = [decode_batch(x) for x, _ in batches]
+    return given, np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+
+
+# --- labels, shards, order --------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_train_shards_align_labels_and_give_every_rank_equal_full_batches(tree, label_of, world):
+    """Per rank: labels match the pixels, batches are full, ``len`` is exact; over the ranks:
+    N // world samples each, all distinct (no padding), the rest of the dataset left out."""
+    seen, counts = [], set()
+    for rank in range(world):
+        batches = run_epoch(loader(tree, train=True, shard=Shard(rank, world)), epoch=3)
+        given, labels, indices = decoded(batches)
+        assert (given == labels).all() and (label_of[indices] == labels).all()
+        assert all(x.shape[0] == 5 for x, _ in batches)
+        counts.add(len(batches))
+        assert len(batches) == len(loader(tree, train=True, shard=Shard(rank, world)))
+        seen.append(indices)
+    assert counts == {(N // world) // 5}
+    everything = np.concatenate(seen)
+    assert len(np.unique(everything)) == len(everything) == world * ((N // world) // 5) * 5
+
+
+@pytest.mark.parametrize("world", [1, 2, 5])
+def test_val_shards_partition_the_dataset_exactly_in_folder_order(tree, label_of, world):
+    """Validation: every image once over all ranks, contiguous shards in ImageFolder order, a
+    partial last batch and no padding; labels match the pixels."""
+    seen = []
+    for rank in range(world):
+        val = loader(tree, shard=Shard(rank, world))
+        batches = run_epoch(val)
+        given, labels, indices = decoded(batches)
+        assert (given == labels).all() and (label_of[indices] == labels).all()
+        assert len(batches) == len(val) and all(x.shape[0] == 5 for x, _ in batches[:-1])
+        assert (np.diff(indices) == 1).all()
+        seen.append(indices)
+    assert (np.concatenate(seen) == np.arange(N)).all()
+
+
+def test_same_seed_repeats_order_and_crops_other_epoch_or_seed_reshuffles(tree):
+    """Order is a function of (seed, epoch); crops and flips repeat with the seed."""
+    def epoch_images(seed, epoch):
+        return torch.cat([x for x, _ in run_epoch(loader(tree, train=True, seed=seed), epoch)])
+
+    first, again = epoch_images(7, 2), epoch_images(7, 2)
+    assert torch.equal(first, again)
+    order = decode_batch(first)[1]
+    assert not (decode_batch(epoch_images(7, 3))[1] == order).all()
+    assert not (decode_batch(epoch_images(8, 2))[1] == order).all()
+
+
+def test_batches_from_a_class_sorted_folder_mix_classes(tree):
+    """The order is a global shuffle, not DALI's 1024-sample buffer: with 4 balanced classes,
+    batches of 8 hold several classes (in folder order they hold one or two)."""
+    batches = run_epoch(loader(tree, train=True, batch_size=8), epoch=0)
+    histograms = [np.bincount(decode_batch(x)[0], minlength=CLASSES) for x, _ in batches]
+    assert np.mean([(h > 0).sum() for h in histograms]) >= 3
+    assert max(h.max() for h in histograms) <= 5
+
+
+def test_breaking_out_early_leaves_the_next_epoch_whole(tree):
+    """A loop that stops after one batch: the next epoch still yields exactly its own batches."""
+    broken = loader(tree, train=True)
+    for _ in broken:
+        break
+    reference = decoded(run_epoch(loader(tree, train=True), epoch=1))[2]
+    assert (decoded(run_epoch(broken, epoch=1))[2] == reference).all()
+
+
+def test_a_superseded_iteration_fails_instead_of_stealing_batches(tree):
+    """A second iter() restarts the epoch cleanly; the first iterator then fails loudly."""
+    val = loader(tree)
+    first = iter(val)
+    next(first)
+    assert len(list(val)) == len(val)
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(first)
+
+
+# --- output format ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_output_shape_dtype_layout_and_normalisation(tree, train, channels_last, dtype):
+    """N x 3 x res x res in the requested dtype and memory format, int64 labels, and solid
+    colours normalised to exactly (colour - mean) / std (within JPEG error)."""
+    out = OutputSpec(device="cpu", dtype=dtype, channels_last=channels_last)
+    batches = run_epoch(loader(tree, train=train, resolution=40, output=out))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for x, y in batches:
+        assert x.shape[1:] == (3, 40, 40) and x.dtype == dtype and x.is_contiguous(memory_format=fmt)
+        assert y.dtype == torch.int64 and y.shape == (x.shape[0],)
+    images = torch.cat([x for x, _ in batches])
+    labels, indices = decode_batch(images)
+    want = np.array([code_color(l, i) for l, i in zip(labels, indices)])
+    assert np.abs(expected_rgb(images) - want).max() < 3
+    mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    exact = (torch.tensor(want, dtype=torch.float32).view(-1, 3, 1, 1) - mean) / std
+    assert (images.float() - exact).abs().max() < 0.1  # every pixel, not just the means
+
+
+def test_resolution_and_batch_size_change_exactly_at_the_epoch_boundary(tree):
+    """The last batch of an epoch has its size, the first batch after set_epoch the next
+    epoch's; growing the batch size rebuilds the pipeline, shrinking reuses it."""
+    schedule = Phases((Phase(0, 32, 4), Phase(1, 48, 6), Phase(2, 40, 3)))
+    train = DaliLoader(tree, train=True, batch_size=99, resolution=schedule, output=CPU,
+                       num_workers=1)
+    for epoch, (res, bs) in enumerate([(32, 4), (48, 6), (40, 3), (40, 3)]):
+        train.set_epoch(epoch)
+        assert (train.resolution, train.batch_size, len(train)) == (res, bs, N // bs)
+        shapes = {tuple(x.shape) for x, _ in train}
+        assert shapes == {(bs, 3, res, res)}
+
+
+def test_validation_resizes_the_shorter_side_then_centre_crops(tmp_path):
+    """A 128 x 64 image, red left of x = 48, blue right of it. Resizing the shorter side to
+    val_resize(28) = 32 makes it 64 x 32 (red left of 24); the centre crop starts at column 18,
+    so columns 0-5 are red. Squashing to 28 x 28 would make columns 0-10 red."""
+    from PIL import Image
+    img = Image.new("RGB", (128, 64), (200, 30, 30))
+    img.paste((30, 30, 200), (48, 0, 128, 64))
+    (tmp_path / "c0").mkdir()
+    img.save(tmp_path / "c0" / "a.JPEG", quality=95)
+    (x, _), = run_epoch(loader(tmp_path, batch_size=1, resolution=28))
+    red = (x[0, 0] * IMAGENET_STD_255[0] + IMAGENET_MEAN_255[0]).mean(dim=0)
+    assert x.shape == (1, 3, 28, 28)
+    assert red[:4].min() > 150 and red[9:].max() < 80
+
+
+# --- sources and configuration ----------------------------------------------------------------
+
+def test_dali_file_list_source_gives_the_same_samples_as_the_folder(tree, tmp_path):
+    listing = tmp_path / "list.txt"
+    rel = os.path.relpath(tree, tmp_path)
+    lines = [f"{rel}/c{label:02d}/img{k:03d}.JPEG {label}"
+             for label in range(CLASSES) for k in range(PER_CLASS)]
+    listing.write_text("\n".join(lines) + "\n\n")
+    from_list, from_folder = loader(listing), loader(tree)
+    assert (from_list.num_samples, from_list.num_classes) == (N, CLASSES)
+    assert all((a == b).all() for a, b in zip(decoded(run_epoch(from_list)),
+                                              decoded(run_epoch(from_folder))))
+
+
+def test_make_loader_builds_a_dali_loader_with_the_split_metadata(tree):
+    made = make_loader("dali", tree, train=False, batch_size=8, resolution=32, output=CPU)
+    assert isinstance(made, DaliLoader)
+    assert (made.num_samples, made.num_classes, len(made)) == (N, CLASSES, 6)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("missing source", FileNotFoundError, "neither an ImageFolder"),
+    ("bad list line", ValueError, "list.txt:1"),
+    ("empty class", FileNotFoundError, "c99_empty"),
+    ("batch too big", ValueError, "make no batch of 64"),
+    ("zero workers", ValueError, "num_workers"),
+    ("negative seed", ValueError, "seed"),
+])
+def test_bad_configuration_is_an_error_naming_the_problem(tree, tmp_path, case, error, message):
+    kw = dict(train=True, batch_size=4, resolution=32, output=CPU)
+    source = tree
+    if case == "missing source":
+        source = tmp_path / "nowhere"
+    elif case == "bad list line":
+        source = tmp_path / "list.txt"
+        source.write_text("img.JPEG cat\n")
+    elif case == "empty class":
+        source = tmp_path / "copy"
+        shutil.copytree(tree, source)
+        add_empty_class(source)
+    elif case == "batch too big":
+        kw.update(batch_size=64)
+    elif case == "zero workers":
+        kw.update(num_workers=0)
+    elif case == "negative seed":
+        kw.update(seed=-1)
+    with pytest.raises(error, match=message):
+        DaliLoader(source, **kw)
+
+
+# --- bad files --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small")
+    write_coded_tree(root, classes=2, per_class=6)
+    return root
+
+
+def with_bad_file(small_tree: Path, tmp_path: Path, kind: str):
+    root = tmp_path / "tree"
+    shutil.copytree(small_tree, root)
+    return root, *add_bad_file(root, kind, class_dir="c01")
+
+
+@pytest.mark.parametrize("kind", sorted(DECODABLE))
+def test_odd_but_valid_files_decode_to_the_right_colour(small_tree, tmp_path, kind):
+    """CMYK, grayscale and PNG-under-.JPEG: the right RGB colour, the right label."""
+    root, path, colour = with_bad_file(small_tree, tmp_path, kind)
+    val = loader(root, batch_size=4)
+    images = torch.cat([x for x, _ in val])
+    labels = torch.cat([y for _, y in val])
+    position = val.paths.index(str(path))  # first file of class 1 ("bad_" < "img")
+    assert labels[position] == 1
+    assert np.abs(expected_rgb(images[position:position + 1])[0] - colour).max() < 6
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("kind", sorted(set(BAD_FILE_WRITERS) - DECODABLE))
+def test_undecodable_file_raises_an_error_naming_it(small_tree, tmp_path, kind, train):
+    """Truncated, corrupt, empty and non-image files stop the epoch with an error that names
+    the file, in folder order or shuffled; iterating again fails the same way (never skips)."""
+    root, path, _ = with_bad_file(small_tree, tmp_path, kind)
+    bad = loader(root, train=train, batch_size=2, drop_last=False)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=re.escape(f"DALI cannot load image file {path}")):
+            list(bad)
+
+
+UNREADABLE_CHILD = """
+import sys
+from pipelines import OutputSpec
+from pipelines.dali import DaliLoader
+try:
+    list(DaliLoader(sys.argv[1], train=False, batch_size=2, resolution=32,
+                    output=OutputSpec(device="cpu"), num_workers=1))
+except RuntimeError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_unreadable_file_raises_an_error_naming_it(small_tree, tmp_path):
+    """chmod 000 file. Root reads it anyway, so as root the check runs in a child process
+    without the capabilities that bypass file permissions (setpriv)."""
+    root, path, _ = with_bad_file(small_tree, tmp_path, "truncated")
+    path.write_bytes((small_tree / "c00" / "img000.JPEG").read_bytes())
+    make_unreadable(path)
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        drop = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", "--bounding-set", drop, "--inh-caps", drop]
+    child = subprocess.run([*prefix, sys.executable, "-c", UNREADABLE_CHILD, str(root)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 3, child.stderr[-2000:]
+    assert f"DALI cannot load image file {path}" in child.stdout
+
+
+# --- adaptor ----------------------------------------------------------------------------------
+
+@pipeline_def(batch_size=5, num_threads=1, device_id=None)
+def user_pipeline(root, shard_id=0, num_shards=1, normalize=False):
+    """A typical user pipeline: DALI's own folder reader, uint8 HWC or normalised CHW output."""
+    jpegs, labels = fn.readers.file(file_root=str(root), name="Reader", shard_id=shard_id,
+                                    num_shards=num_shards)
+    images = fn.resize(fn.decoders.image(jpegs, output_type=types.RGB), size=(24, 24))
+    if normalize:
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                          mean=list(IMAGENET_MEAN_255), std=list(IMAGENET_STD_255))
+    elif normalize is None:  # float but forgot mean/std
+        images = fn.cast(images, dtype=types.FLOAT)
+    return images, labels
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_adaptor_turns_a_user_pipeline_into_salmix_batches(tree, label_of, normalize,
+                                                           channels_last):
+    """uint8 HWC (normalised here) or float CHW (normalised by DALI): the same salmix batches,
+    labels squeezed to int64 (N,), len and num_samples from the reader, per shard."""
+    out = OutputSpec(device="cpu", dtype=torch.float16, channels_last=channels_last)
+    seen = []
+    for shard in range(2):
+        adaptor = DaliAdaptor(user_pipeline(tree, shard, 2, normalize), images="data",
+                              labels="label", output=out, train=False)
+        batches = list(adaptor)
+        assert len(batches) == len(adaptor) == 5 and adaptor.num_samples == N
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for x, y in batches:
+            assert x.dtype == torch.float16 and x.shape[1:] == (3, 24, 24)
+            assert x.is_contiguous(memory_format=fmt) and y.dtype == torch.int64 and y.dim() == 1
+        given, labels, indices = decoded(batches)
+        assert (given == labels).all() and (label_of[indices] == labels).all()
+        images = torch.cat([x for x, _ in batches])
+        want = np.array([code_color(l, i) for l, i in zip(labels, indices)])
+        assert np.abs(expected_rgb(images) - want).max() < 3
+        seen.append(indices)
+    assert (np.sort(np.concatenate(seen)) == np.arange(N)).all()
+    assert adaptor.resolution == 24
+
+
+def test_adaptor_wraps_a_user_iterator_with_its_own_output_names(tree, label_of):
+    """The layout comes from the channel position, the length from the user's iterator."""
+    iterator = DALIGenericIterator(user_pipeline(tree), ["img", "cls"], reader_name="Reader",
+                                   last_batch_policy=LastBatchPolicy.DROP)
+    adaptor = DaliAdaptor(iterator, images="img", labels="cls", output=CPU)
+    for epoch in range(2):
+        adaptor.set_epoch(epoch)
+        given, labels, indices = decoded(list(adaptor))
+        assert (given == labels).all() and (label_of[indices] == labels).all()
+        assert len(indices) == len(adaptor) * 5 == N - N % 5
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("wrong name", KeyError, r"its outputs are \['data', 'label'\]"),
+    ("labels as images", ValueError, "'label' is not a batch of images"),
+    ("images as labels", ValueError, "'data' is not one class label per image"),
+    ("float not normalised", ValueError, "not normalised"),
+    ("uint8 said normalised", ValueError, "uint8, so it is not normalised"),
+    ("wrong output count", ValueError, "has 2 outputs"),
+    ("unknown reader", KeyError, "its readers are"),
+    ("not dali", TypeError, "wraps a DALI Pipeline"),
+])
+def test_adaptor_errors_name_the_problem(tree, case, error, message):
+    kw, pipe = {"output_map": ["data", "label"]}, user_pipeline(tree)
+    if case == "wrong name":
+        kw.update(images="image")
+    elif case == "labels as images":
+        kw.update(images="label", labels="data")
+    elif case == "images as labels":
+        kw.update(labels="data")
+    elif case == "float not normalised":
+        pipe = user_pipeline(tree, normalize=None)
+    elif case == "uint8 said normalised":
+        kw.update(normalized=True)
+    elif case == "wrong output count":
+        kw.update(output_map=["a", "b", "c"])
+    elif case == "unknown reader":
+        kw.update(reader_name="Loader")
+    elif case == "not dali":
+        pipe = [1, 2, 3]
+    with pytest.raises(error, match=message):
+        list(DaliAdaptor(pipe, output=CPU, **kw))
+
+
+def test_adaptor_without_reader_or_size_has_no_length(tree):
+    files = sorted(str(p) for p in tree.rglob("*.JPEG"))[:10]
+
+    @pipeline_def(batch_size=5, num_threads=1, device_id=None)
+    def from_python():
+        data = fn.external_source(source=iter([[np.fromfile(f, np.uint8) for f in files[:5]],
+                                               [np.fromfile(f, np.uint8) for f in files[5:]]]),
+                                  batch=True)
+        return fn.resize(fn.decoders.image(data), size=(16, 16)), fn.constant(idata=0, shape=[1])
+
+    adaptor = DaliAdaptor(from_python(), output=CPU)
+    assert sum(x.shape[0] for x, _ in adaptor) == 10
+    with pytest.raises(TypeError, match="no known length"):
+        len(adaptor)
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (mixed decoder path)")
+def test_gpu_batches_arrive_on_the_device_aligned(tree, label_of):
+    out = OutputSpec(device="cuda", dtype=torch.bfloat16, channels_last=True)
+    batches = run_epoch(loader(tree, train=True, output=out))
+    assert all(x.is_cuda and y.is_cuda and x.dtype == torch.bfloat16 for x, y in batches)
+    given, labels, indices = decoded([(x.cpu(), y.cpu()) for x, y in batches])
+    assert (given == labels).all() and (label_of[indices] == labels).all()
