@@ -85,21 +85,33 @@ def calibrated_weight(saliency: torch.Tensor, mask: torch.Tensor, perm: torch.Te
 
 
 def graft_(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """In place: ``x = M * x + (1 - M) * partner``, M (N, 1, g, g) binary, nearest-upsampled to x.
+    """In place: ``x = M * x + (1 - M) * partner``, M (N, 1, gh, gw) binary, nearest-upsampled to x.
 
-    When the grid divides the image, x is blended through a (g, H/g, g, W/g) blocked view, so
-    the mask is never upsampled; otherwise the upsampled mask is 1/C of the batch in size.
+    Pixel (y, x) takes cell (y * gh // H, x * gw // W). When the grid divides the image, the
+    weight is upsampled only as far as the memory layout needs for long inner loops: not at
+    all for channels-last (a cell row is W/gw * C contiguous values), along the width for
+    NCHW; otherwise it is the full (N, 1, H, W) mask.
     """
     h, w = x.shape[-2:]
     gh, gw = mask.shape[-2:]
-    away = (1 - mask).to(x.dtype)
-    if h % gh == 0 and w % gw == 0:
-        def blocks(t: torch.Tensor) -> torch.Tensor:
+    away = (1 - mask).to(x.dtype)  # the partner's weight per cell
+    if h % gh or w % gw:
+        away = away.index_select(2, _cell_index(h, gh, x.device)).index_select(3, _cell_index(w, gw, x.device))
+        return x.lerp_(partner, away)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        def cells(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(3, (gw, w // gw)).unflatten(2, (gh, h // gh))
-        blocks(x).lerp_(blocks(partner), away[:, :, :, None, :, None])
+        cells(x).lerp_(cells(partner), away[:, :, :, None, :, None])
     else:
-        x.lerp_(partner, F.interpolate(away, size=(h, w), mode="nearest"))
+        def cell_rows(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(2, (gh, h // gh))
+        cell_rows(x).lerp_(cell_rows(partner), away.repeat_interleave(w // gw, dim=3)[:, :, :, None])
     return x
+
+
+def _cell_index(size: int, cells: int, device: torch.device) -> torch.Tensor:
+    """The cell of each of ``size`` pixels along an axis split into ``cells`` (nearest)."""
+    return torch.arange(size, device=device) * cells // size
 
 
 class SaliencyGrafting(Mixer):

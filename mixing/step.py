@@ -158,9 +158,9 @@ class TwoPassStep:
                     with torch.no_grad():
                         clean_logits, clean_loss = self._forward(images, targets)
         with stage("saliency"):
-            if gradient:
-                loss_factor = self._scale(torch.full((), 1 - eta if eta < 1 else 1.0, device=images.device))
-                saliency = gradient_saliency(grad, self.gradient_reduction).div_(loss_factor)
+            if gradient:  # grad is that of scale * w * loss: w = 1 - eta, or 1 for autograd.grad
+                factor = self._scale(torch.tensor(1 - eta if eta < 1 else 1.0, device=images.device))
+                saliency = gradient_saliency(grad, self.gradient_reduction).div_(factor)
             else:
                 saliency = self.features.pop()
             if self.scaler is not None and self.scaler.is_enabled():
@@ -170,8 +170,9 @@ class TwoPassStep:
             result = self.mixer.mix(images, labels, saliency, generator=generator)
         with stage("mixed"):
             _, mixed_loss = self._pass(images, result.targets, weight=eta)
-        loss = eta * mixed_loss + (1 - eta) * clean_loss.detach()
-        return StepOutput(loss, clean_loss.detach(), mixed_loss, clean_logits.detach(), result, saliency)
+        clean_loss = clean_loss.detach()
+        loss = eta * mixed_loss + (1 - eta) * clean_loss
+        return StepOutput(loss, clean_loss, mixed_loss, clean_logits.detach(), result, saliency)
 
     def _forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast(images):

@@ -72,9 +72,9 @@ def ref_graft(x, labels, saliency, perm, grid, draws, temperature=0.2, k=1.0, la
     return xs, np.array(weights), targets, np.array(masks)
 
 
-def batch(n=6, size=32, dtype=torch.float32, sal_size=7, seed=0, channels_last=False):
+def batch(n=6, size=32, dtype=torch.float32, sal_size=7, seed=0, channels_last=False, width=None):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g).to(dtype)
+    x = torch.randn(n, 3, size, width or size, generator=g).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(K, (n,), generator=g)
@@ -89,12 +89,14 @@ def explicit_draws(n, grid, seed=1, p=0.6):
 
 # -- the formulas ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size,grid", [(32, 4), (32, 8), (32, 7), (56, 7), (56, 8)])
-def test_mix_matches_reference_in_every_dtype(dtype, size, grid):
-    """Images, label weights, targets and masks equal the reference, for grids that divide the
-    image (blocked blend) and that do not (32 px on a 7x7 grid: upsampled mask), in each dtype."""
-    x, labels, saliency = batch(size=size, dtype=dtype)
+@pytest.mark.parametrize("height,width,grid", [(32, 32, 4), (32, 48, 8), (32, 32, 7), (56, 56, 7), (56, 40, 8),
+                                               (24, 28, 7)])
+def test_mix_matches_reference_in_every_dtype(dtype, height, width, grid, channels_last):
+    """Images, label weights, targets and masks equal the reference, in each dtype and layout,
+    for grids that divide the image (cell views) and that do not (an upsampled mask)."""
+    x, labels, saliency = batch(size=height, width=width, dtype=dtype, channels_last=channels_last)
     perm, draws = explicit_draws(len(x), grid)
     want_x, want_w, want_t, want_m = ref_graft(x, labels, saliency, perm, grid, draws, smoothing=0.1)
     mixer = SaliencyGrafting(K, label_smoothing=0.1)

@@ -1,0 +1,175 @@
+"""What mixing costs per batch, next to the memory-bound floor and a ResNet-18 training step.
+
+For each setting (batch 256 at 224 px and 128 at 64 px; ``--quick``: tiny ones) it times, in
+one run and on one device, the median time per batch of:
+
+* the floor: one gather of the batch ``x[perm]`` plus one in-place blend (what any in-place
+  pairwise mixer must at least do);
+* each mixer (Mixup, CutMix, Saliency Grafting, SAGE when ``mixing.sage`` exists), fed the
+  saliency a real ResNet-18 gives on that batch: layer4 feature maps for Grafting (7x7 at
+  224 px, 2x2 at 64 px) and mean-|input gradient| maps for SAGE;
+* one ResNet-18 training step (forward, backward, SGD step) at the same batch and size.
+
+It prints ratios (mixer / floor, mixer / step) and writes them as JSON
+(default ``benchmarks/results/mixing.json``). Targets: Grafting <= 2x the floor, SAGE <= 4x
+the floor at 224 px, every mixer <= 3% of the step. Batches are channels-last (the loaders'
+default; ``--nchw`` for NCHW), float32 on the CPU and float16 on CUDA, where the step runs
+under fp16 autocast as in training and timings synchronise the device.
+
+    python benchmarks/mixing.py [--device cpu|cuda] [--nchw] [--out PATH] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # this script is named mixing.py: import the package, not itself
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+from mixing import CutMix, Mixup, SaliencyGrafting  # noqa: E402
+from mixing.base import Mixer, blend_  # noqa: E402
+from mixing.saliency import FeatureSaliency, gradient_saliency  # noqa: E402
+
+try:
+    from mixing.sage import SAGE  # noqa: E402
+except ImportError:  # being written alongside; benchmarked once it exists
+    SAGE = None
+
+NUM_CLASSES = 1000
+TARGETS = {"grafting_x_floor": 2.0, "sage_x_floor_224px": 4.0, "share_of_step": 0.03}
+
+
+def timings(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median, minimum) wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs (device synced).
+
+    The minimum is kept too: on a shared machine it is the least disturbed figure."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times)
+
+
+def make_batch(n: int, size: int, device: torch.device, dtype: torch.dtype,
+               memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 3, size, size, device=device).to(dtype).contiguous(memory_format=memory_format)
+    return x, torch.randint(NUM_CLASSES, (n,), device=device)
+
+
+def resnet18_step(x: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None):
+    """A ResNet-18 training step on ``x``, and the saliency it yields: (step, feature maps, gradient maps)."""
+    memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    model = torchvision.models.resnet18(num_classes=NUM_CLASSES).to(x.device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def forward_backward(images: torch.Tensor) -> None:
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn(model(images), labels)
+        loss.backward()
+
+    with FeatureSaliency(model) as features:
+        images = x.detach().clone().requires_grad_(True)
+        with features.capture():
+            forward_backward(images)
+        feature_maps = features.pop()
+    gradient_maps = gradient_saliency(images.grad)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward(x)
+        optimizer.step()
+    return step, feature_maps, gradient_maps
+
+
+def bench_setting(n: int, size: int, device: torch.device, dtype: torch.dtype, amp: torch.dtype | None,
+                  memory_format: torch.memory_format, warmup: int, repeats: int, step_repeats: int) -> dict:
+    x, labels = make_batch(n, size, device, dtype, memory_format)
+    step, feature_maps, gradient_maps = resnet18_step(x, labels, amp)
+    step_s, step_min = timings(step, device, warmup=1, repeats=step_repeats)
+    del step
+
+    gen = torch.Generator(device).manual_seed(0)
+    perm = torch.randperm(n, device=device)
+    share = torch.rand(n, 1, 1, 1, device=device)
+    floor_s, floor_min = timings(lambda: blend_(x, x[perm], share), device, warmup, repeats)
+
+    mixers: dict[str, tuple[Mixer, torch.Tensor | None]] = {
+        "mixup": (Mixup(NUM_CLASSES), None),
+        "cutmix": (CutMix(NUM_CLASSES), None),
+        "grafting": (SaliencyGrafting(NUM_CLASSES), feature_maps),
+    }
+    if SAGE is not None:
+        mixers["sage"] = (SAGE(NUM_CLASSES), gradient_maps)
+    rows = {}
+    for name, (mixer, saliency) in mixers.items():
+        seconds, fastest = timings(lambda: mixer.mix(x, labels, saliency, generator=gen), device, warmup, repeats)
+        rows[name] = {"ms": 1e3 * seconds, "min_ms": 1e3 * fastest, "x_floor": seconds / floor_s,
+                      "share_of_step": seconds / step_s}
+    return {"batch": n, "size": size, "dtype": str(dtype).removeprefix("torch."),
+            "channels_last": memory_format == torch.channels_last,
+            "feature_map": list(feature_maps.shape[1:]), "gradient_map": list(gradient_maps.shape[1:]),
+            "floor_ms": 1e3 * floor_s, "floor_min_ms": 1e3 * floor_min, "resnet18_step_ms": 1e3 * step_s,
+            "resnet18_step_min_ms": 1e3 * step_min, "mixers": rows}
+
+
+def report(setting: dict) -> str:
+    layout = "channels-last" if setting["channels_last"] else "NCHW"
+    head = (f"batch {setting['batch']} x {setting['size']} px {setting['dtype']} {layout}: floor "
+            f"{setting['floor_ms']:.1f} ms (min {setting['floor_min_ms']:.1f}), ResNet-18 step "
+            f"{setting['resnet18_step_ms']:.0f} ms, feature map {setting['feature_map']} (medians)")
+    lines = [head, f"  {'mixer':<10} {'ms/batch':>9} {'(min)':>8} {'x floor':>8} {'% of step':>10}"]
+    for name, row in setting["mixers"].items():
+        lines.append(f"  {name:<10} {row['ms']:>9.2f} {row['min_ms']:>8.2f} {row['x_floor']:>8.2f} "
+                     f"{100 * row['share_of_step']:>9.2f}%")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--nchw", action="store_true", help="NCHW batches instead of channels-last")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mixing.json"))
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype, amp = (torch.float16, torch.float16) if cuda else (torch.float32, None)
+    settings = [(16, 64), (8, 128)] if args.quick else [(256, 224), (128, 64)]
+    warmup, repeats, step_repeats = (1, 3, 1) if args.quick else (3, 15, 3)
+
+    load_before = os.getloadavg()
+    results = []
+    for n, size in settings:
+        memory_format = torch.contiguous_format if args.nchw else torch.channels_last
+        results.append(bench_setting(n, size, device, dtype, amp, memory_format, warmup, repeats, step_repeats))
+        print(report(results[-1]), flush=True)
+    out = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "quick": args.quick, "load_average_before": load_before,
+           "load_average_after": os.getloadavg(), "targets": TARGETS, "settings": results}
+    print(f"load average (1, 5, 15 min) before {load_before}, after {out['load_average_after']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
