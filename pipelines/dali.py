@@ -26,8 +26,9 @@ no sample twice) or its contiguous ``[r*N//W, (r+1)*N//W)`` slice of the ImageFo
 (validation: exact shards, a partial last batch, no padding). Sizes and batch size are fed per
 batch too, so the batch after ``set_epoch(e)`` has epoch ``e``'s size and the last batch before it
 the old one; one pipeline serves every resolution and is rebuilt only when the batch size
-grows. The epoch's prefetch starts at ``iter()`` (one batch of latency per epoch, nothing wasted);
-a loop that stops early drains the at most ``prefetch`` batches in flight. Crops and flips come
+grows. DALI starts prefetching an epoch when its first batch is asked for (one batch of latency
+per epoch, no decoding wasted); a loop that stops early drains the (at most ``prefetch``)
+batches in flight. Crops and flips come
 from DALI's per-pipeline generator seeded with ``(seed, rank)``: the same for the same seed and
 the same sequence of epochs.
 
@@ -69,7 +70,7 @@ def default_num_threads() -> int:
 
 
 def read_file_list(path: str | os.PathLike) -> tuple[list[str], list[int]]:
-    """Paths and labels of a DALI file list (``name label`` per line, names relative to the list)."""
+    """Paths and labels of a DALI file list: ``name label`` lines, names relative to the list."""
     path = Path(path)
     files, labels = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -94,7 +95,8 @@ def list_source(source: str | os.PathLike) -> tuple[list[str], list[int], int]:
     if path.is_file():
         files, labels = read_file_list(path)
         return files, labels, max(labels) + 1
-    raise FileNotFoundError(f"DALI source {path} is neither an ImageFolder directory nor a file list")
+    raise FileNotFoundError(f"DALI source {path} is neither an ImageFolder directory "
+                            f"nor a file list")
 
 
 @pipeline_def
@@ -105,19 +107,18 @@ def image_pipeline(feed, *, train: bool, decoder: str, dtype: types.DALIDataType
     ``feed()`` returns ``(paths, labels, size)``, plus ``shorter`` for validation: per sample,
     the encoded path, its label, the output side and the shorter side before the centre crop.
     """
+    decode = dict(device=decoder, output_type=types.RGB,
+                  device_memory_padding=DEVICE_MEMORY_PADDING,
+                  host_memory_padding=HOST_MEMORY_PADDING)
     if train:
         paths, labels, size = fn.external_source(source=feed, num_outputs=3, batch=True)
-        images = fn.decoders.image_random_crop(
-            fn.io.file.read(paths), device=decoder, output_type=types.RGB,
-            random_area=RRC_SCALE, random_aspect_ratio=RRC_RATIO,
-            device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING)
+        images = fn.decoders.image_random_crop(fn.io.file.read(paths), random_area=RRC_SCALE,
+                                               random_aspect_ratio=RRC_RATIO, **decode)
         images = fn.resize(images, resize_x=size, resize_y=size)
         geometry = {"mirror": fn.random.coin_flip()}
     else:
         paths, labels, size, shorter = fn.external_source(source=feed, num_outputs=4, batch=True)
-        images = fn.decoders.image(
-            fn.io.file.read(paths), device=decoder, output_type=types.RGB,
-            device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING)
+        images = fn.decoders.image(fn.io.file.read(paths), **decode)
         images = fn.resize(images, resize_shorter=shorter)
         geometry = {"crop_h": size, "crop_w": size}
     images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout,
@@ -134,11 +135,16 @@ def decode_check_pipeline(feed, *, decoder: str):
 
 
 def _encode(path: str) -> np.ndarray:
-    return np.frombuffer(path.encode(), dtype=np.uint8)
+    """A path as the 1-D byte array ``fn.io.file.read`` takes."""
+    return np.frombuffer(os.fsencode(path), dtype=np.uint8)
 
 
 class _Feed:
-    """The ``external_source`` callback: serves one epoch's batches, remembers those in flight."""
+    """The ``external_source`` callback: serves one epoch's batches, remembers those in flight.
+
+    Paths are encoded once into an object array, so a batch is gathered by one fancy index
+    (about 50 us for 256 paths, where encoding them per batch takes about 2 ms).
+    """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], train: bool) -> None:
         self.paths = np.empty(len(paths), dtype=object)
@@ -224,7 +230,8 @@ class DaliLoader(Loader):
         pipe = image_pipeline(self._feed, train=self.train, decoder="mixed" if self.gpu else "cpu",
                               dtype=dtype, layout=self.layout, gpu=self.gpu,
                               batch_size=batch_size, num_threads=self.num_threads,
-                              device_id=self.device_id, seed=seed, prefetch_queue_depth=self.prefetch)
+                              device_id=self.device_id, seed=seed,
+                              prefetch_queue_depth=self.prefetch)
         pipe.build()
         return pipe
 
@@ -397,7 +404,7 @@ class DaliAdaptor:
             if name not in names:
                 raise KeyError(f"{role}={name!r} is not an output of this DALI source; "
                                f"its outputs are {names}")
-        self.images, self.labels = images, labels
+        self.image_key, self.label_key = images, labels
         self.batch_size = self.iterator.batch_size
         self.resolution: int | None = None
 
@@ -436,28 +443,28 @@ class DaliAdaptor:
                 raise ValueError(f"the DALI iterator runs {len(outputs)} pipelines; the adaptor "
                                  f"takes one pipeline per process (one per rank)")
             batch = outputs[0]
-            images = self._nchw(batch[self.images])
+            images = self._nchw(batch[self.image_key])
             self.resolution = images.shape[-1]
             yield (self._normalize(images, check=step == 0),
-                   self._labels(batch[self.labels], images.shape[0]))
+                   self._labels(batch[self.label_key], images.shape[0]))
 
     def _nchw(self, images: torch.Tensor) -> torch.Tensor:
         """The image output as an N x 3 x H x W view (DALI's layout, else the channel position)."""
         layouts = getattr(self.iterator, "layouts", [])
-        layout = layouts[self.iterator.output_map.index(self.images)] if layouts else ""
+        layout = layouts[self.iterator.output_map.index(self.image_key)] if layouts else ""
         shape = tuple(images.shape)
         if images.dim() != 4 or layout not in ("", "HWC", "CHW"):
-            raise ValueError(f"output {self.images!r} is not a batch of images: shape {shape}, "
+            raise ValueError(f"output {self.image_key!r} is not a batch of images: shape {shape}, "
                              f"layout {layout!r} (expected N x H x W x 3 or N x 3 x H x W)")
         if not layout:
             channels = [dim for dim in (1, 3) if shape[dim] == 3]
             if len(channels) != 1:
-                raise ValueError(f"cannot tell the layout of output {self.images!r} of shape "
+                raise ValueError(f"cannot tell the layout of output {self.image_key!r} of shape "
                                  f"{shape}: pass the pipeline rather than its iterator")
             layout = "CHW" if channels == [1] else "HWC"
         images = images.permute(0, 3, 1, 2) if layout == "HWC" else images
         if images.shape[1] != 3:
-            raise ValueError(f"output {self.images!r} has {images.shape[1]} channels in layout "
+            raise ValueError(f"output {self.image_key!r} has {images.shape[1]} channels in layout "
                              f"{layout} (shape {shape}); expected 3 (RGB)")
         return images
 
@@ -465,24 +472,24 @@ class DaliAdaptor:
         """uint8 -> normalised; float -> as requested (``check``: is it really normalised?)."""
         if images.dtype == torch.uint8:
             if self.normalized:
-                raise ValueError(f"output {self.images!r} is uint8, so it is not normalised "
+                raise ValueError(f"output {self.image_key!r} is uint8, so it is not normalised "
                                  f"(normalized=True was given)")
             return self.output.normalize_uint8(images, layout="NCHW")
         if not images.is_floating_point() or self.normalized is False:
-            raise ValueError(f"output {self.images!r} is {images.dtype}: expected uint8 pixels "
+            raise ValueError(f"output {self.image_key!r} is {images.dtype}: expected uint8 pixels "
                              f"or a float batch normalised by the pipeline "
                              f"(normalized={self.normalized})")
         # Normalised pixels lie within about +-3; 0-255 floats mean the pipeline forgot mean/std.
         peak = images.abs().amax().item() if check else 0.0
         if peak > 10:
-            raise ValueError(f"output {self.images!r} is {images.dtype} with values up to "
+            raise ValueError(f"output {self.image_key!r} is {images.dtype} with values up to "
                              f"{peak:.0f}: not normalised. Normalise in the pipeline "
                              f"(crop_mirror_normalize, mean/std in 0-255 units) or output uint8")
         return self.output.finish(images)
 
     def _labels(self, labels: torch.Tensor, n: int) -> torch.Tensor:
         if labels.numel() != n or labels.is_floating_point():
-            raise ValueError(f"output {self.labels!r} is not one class label per image: "
+            raise ValueError(f"output {self.label_key!r} is not one class label per image: "
                              f"{labels.dtype} of shape {tuple(labels.shape)} for {n} images")
         return self.output.labels(labels)
 

@@ -149,7 +149,8 @@ def test_output_shape_dtype_layout_and_normalisation(tree, train, channels_last,
     batches = run_epoch(loader(tree, train=train, resolution=40, output=out))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in batches:
-        assert x.shape[1:] == (3, 40, 40) and x.dtype == dtype and x.is_contiguous(memory_format=fmt)
+        assert x.shape[1:] == (3, 40, 40) and x.dtype == dtype
+        assert x.is_contiguous(memory_format=fmt)
         assert y.dtype == torch.int64 and y.shape == (x.shape[0],)
     images = torch.cat([x for x, _ in batches])
     labels, indices = decode_batch(images)
@@ -203,40 +204,44 @@ def test_dali_file_list_source_gives_the_same_samples_as_the_folder(tree, tmp_pa
                                               decoded(run_epoch(from_folder))))
 
 
+def test_file_list_entry_missing_on_disk_is_an_error_naming_it(tree, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tree}/c00/img000.JPEG 0\ngone.JPEG 1\n")
+    with pytest.raises(RuntimeError, match=re.escape(f"cannot load image file {tmp_path}/gone")):
+        list(loader(listing, batch_size=2))
+
+
 def test_make_loader_builds_a_dali_loader_with_the_split_metadata(tree):
     made = make_loader("dali", tree, train=False, batch_size=8, resolution=32, output=CPU)
     assert isinstance(made, DaliLoader)
     assert (made.num_samples, made.num_classes, len(made)) == (N, CLASSES, 6)
 
 
-@pytest.mark.parametrize("case, error, message", [
-    ("missing source", FileNotFoundError, "neither an ImageFolder"),
-    ("bad list line", ValueError, "list.txt:1"),
-    ("empty class", FileNotFoundError, "c99_empty"),
-    ("batch too big", ValueError, "make no batch of 64"),
-    ("zero workers", ValueError, "num_workers"),
-    ("negative seed", ValueError, "seed"),
+def source_of_kind(kind: str, tree: Path, tmp_path: Path) -> Path:
+    if kind == "missing":
+        return tmp_path / "nowhere"
+    if kind == "bad list":
+        (tmp_path / "list.txt").write_text("img.JPEG cat\n")
+        return tmp_path / "list.txt"
+    if kind == "empty class":
+        shutil.copytree(tree, tmp_path / "copy")
+        return add_empty_class(tmp_path / "copy").parent
+    return tree
+
+
+@pytest.mark.parametrize("source, kw, error, message", [
+    ("missing", {}, FileNotFoundError, "neither an ImageFolder"),
+    ("bad list", {}, ValueError, "list.txt:1"),
+    ("empty class", {}, FileNotFoundError, "c99_empty"),
+    ("tree", dict(batch_size=64), ValueError, "make no batch of 64"),
+    ("tree", dict(num_workers=0), ValueError, "num_workers"),
+    ("tree", dict(seed=-1), ValueError, "seed"),
 ])
-def test_bad_configuration_is_an_error_naming_the_problem(tree, tmp_path, case, error, message):
-    kw = dict(train=True, batch_size=4, resolution=32, output=CPU)
-    source = tree
-    if case == "missing source":
-        source = tmp_path / "nowhere"
-    elif case == "bad list line":
-        source = tmp_path / "list.txt"
-        source.write_text("img.JPEG cat\n")
-    elif case == "empty class":
-        source = tmp_path / "copy"
-        shutil.copytree(tree, source)
-        add_empty_class(source)
-    elif case == "batch too big":
-        kw.update(batch_size=64)
-    elif case == "zero workers":
-        kw.update(num_workers=0)
-    elif case == "negative seed":
-        kw.update(seed=-1)
+def test_bad_configuration_is_an_error_naming_the_problem(tree, tmp_path, source, kw, error,
+                                                          message):
+    kw = dict(train=True, batch_size=4, resolution=32, output=CPU) | kw
     with pytest.raises(error, match=message):
-        DaliLoader(source, **kw)
+        DaliLoader(source_of_kind(source, tree, tmp_path), **kw)
 
 
 # --- bad files --------------------------------------------------------------------------------
@@ -364,36 +369,22 @@ def test_adaptor_wraps_a_user_iterator_with_its_own_output_names(tree, label_of)
         assert len(indices) == len(adaptor) * 5 == N - N % 5
 
 
-@pytest.mark.parametrize("case, error, message", [
-    ("wrong name", KeyError, r"its outputs are \['data', 'label'\]"),
-    ("labels as images", ValueError, "'label' is not a batch of images"),
-    ("images as labels", ValueError, "'data' is not one class label per image"),
-    ("float not normalised", ValueError, "not normalised"),
-    ("uint8 said normalised", ValueError, "uint8, so it is not normalised"),
-    ("wrong output count", ValueError, "has 2 outputs"),
-    ("unknown reader", KeyError, "its readers are"),
-    ("not dali", TypeError, "wraps a DALI Pipeline"),
+@pytest.mark.parametrize("source, kw, error, message", [
+    ("uint8", dict(images="image"), KeyError, r"its outputs are \['data', 'label'\]"),
+    ("uint8", dict(images="label", labels="data"), ValueError, "'label' is not a batch of images"),
+    ("uint8", dict(labels="data"), ValueError, "'data' is not one class label per image"),
+    ("float", {}, ValueError, r"with values up to \d+: not normalised"),
+    ("uint8", dict(normalized=True), ValueError, "uint8, so it is not normalised"),
+    ("uint8", dict(output_map=["a", "b", "c"]), ValueError, "has 2 outputs"),
+    ("uint8", dict(reader_name="Loader"), KeyError, "its readers are"),
+    ("list", {}, TypeError, "wraps a DALI Pipeline"),
 ])
-def test_adaptor_errors_name_the_problem(tree, case, error, message):
-    kw, pipe = {"output_map": ["data", "label"]}, user_pipeline(tree)
-    if case == "wrong name":
-        kw.update(images="image")
-    elif case == "labels as images":
-        kw.update(images="label", labels="data")
-    elif case == "images as labels":
-        kw.update(labels="data")
-    elif case == "float not normalised":
-        pipe = user_pipeline(tree, normalize=None)
-    elif case == "uint8 said normalised":
-        kw.update(normalized=True)
-    elif case == "wrong output count":
-        kw.update(output_map=["a", "b", "c"])
-    elif case == "unknown reader":
-        kw.update(reader_name="Loader")
-    elif case == "not dali":
-        pipe = [1, 2, 3]
+def test_adaptor_errors_name_the_problem(tree, source, kw, error, message):
+    """Wrong output names, outputs of the wrong kind, a float output still in 0-255."""
+    pipe = {"uint8": lambda: user_pipeline(tree), "list": lambda: [1, 2, 3],
+            "float": lambda: user_pipeline(tree, normalize=None)}[source]()
     with pytest.raises(error, match=message):
-        list(DaliAdaptor(pipe, output=CPU, **kw))
+        list(DaliAdaptor(pipe, output=CPU, **{"output_map": ["data", "label"], **kw}))
 
 
 def test_adaptor_without_reader_or_size_has_no_length(tree):
