@@ -157,7 +157,8 @@ class SaliencyGrafting(Mixer):
             grid_size: int | None = None, p: float | None = None,
             bernoulli: torch.Tensor | None = None) -> MixResult:
         """Graft in place. Explicit draws: ``perm``, ``grid_size``, ``p`` and ``bernoulli``
-        (N, g, g) 0/1 region draws (these fix g and make ``p`` unused)."""
+        (N, g, g) 0/1 region draws (these fix g and make ``p`` unused; with ``top_k`` neither
+        ``p`` nor the draws are used)."""
         check_batch(x, labels, self.num_classes)
         saliency = check_saliency(saliency, x)
         n, _, h, w = x.shape

@@ -110,7 +110,7 @@ def test_lambda_is_beta_alpha_per_batch():
     """Mixup's lam ~ Beta(alpha, alpha), one per batch: mean 1/2, variance 1 / (4 (2 alpha + 1))
     (1/12 for the default alpha = 1). CutMix also keeps one (corrected) lam per batch."""
     gen = torch.Generator().manual_seed(0)
-    x, labels = batch(size=64)
+    x, labels = batch(size=8)
     for alpha in (1.0, 0.2):
         weights = [Mixup(K, alpha=alpha).mix(x.clone(), labels, generator=gen).weight for _ in range(400)]
         assert all(torch.all(w == w[0]) for w in weights)

@@ -87,7 +87,7 @@ def test_hook_keeps_no_graph_and_adds_no_autograd_work(resnet18):
     def grads(capture: bool):
         resnet18.zero_grad()
         torch.manual_seed(0)
-        with FeatureSaliency(resnet18) as features:
+        with FeatureSaliency(resnet18, "layer4") as features:
             if capture:
                 with features.capture():
                     resnet18(x).sum().backward()
@@ -102,7 +102,7 @@ def test_hook_keeps_no_graph_and_adds_no_autograd_work(resnet18):
 
 def test_captures_only_inside_capture_and_releases_the_map(resnet18):
     x = torch.randn(2, 3, 32, 32)
-    with FeatureSaliency(resnet18) as features, torch.no_grad():
+    with FeatureSaliency(resnet18, "layer4") as features, torch.no_grad():
         resnet18(x)
         with pytest.raises(RuntimeError, match="did not run inside capture"):
             features.pop()
@@ -116,9 +116,9 @@ def test_captures_only_inside_capture_and_releases_the_map(resnet18):
 def test_remove_takes_the_hook_off(resnet18):
     """After remove() (or leaving the with block) capturing records nothing."""
     x = torch.randn(2, 3, 32, 32)
-    features = FeatureSaliency(resnet18)
+    features = FeatureSaliency(resnet18, "layer4")
     features.remove()
-    with FeatureSaliency(resnet18) as other:
+    with FeatureSaliency(resnet18, "layer4") as other:
         pass
     for f in (features, other):
         with f.capture(), torch.no_grad():

@@ -90,6 +90,12 @@ def reference(model, mixer, images, labels, eta, seed, smoothing=0.0, reduction=
     return grads, saliency, mixed_x, result, clean.detach(), mixed.detach()
 
 
+def pass_grads(model, images, targets):
+    """Parameter gradients of one pass of a copy of ``model``."""
+    ref = copy.deepcopy(model)
+    return torch.autograd.grad(soft_target_cross_entropy(ref(images), targets), list(ref.parameters()))
+
+
 def step_grads(model):
     return [p.grad for p in model.parameters()]
 
@@ -156,9 +162,7 @@ def test_unmixed_step_uses_label_smoothed_one_hot_targets():
     """mix=False (warm-up): one pass on the unmixed batch with smoothed one-hot targets."""
     torch.manual_seed(0)
     model, (images, labels) = TinyNet(), data()
-    ref = copy.deepcopy(model)
-    want = torch.autograd.grad(soft_target_cross_entropy(ref(images), one_hot(labels, 0.2)),
-                               list(ref.parameters()))
+    want = pass_grads(model, images, one_hot(labels, 0.2))
     before, names = images.clone(), []
     out = TwoPassStep(model, make_mixer("feature", 0.2))(images, labels, mix=False, stage=recorder(names))
     assert_grads_close(step_grads(model), want, rtol=1e-5, atol=1e-6)
@@ -167,11 +171,10 @@ def test_unmixed_step_uses_label_smoothed_one_hot_targets():
 
 
 def test_no_mixer_takes_the_classes_from_the_logits():
+    """mixer=None: a plain pass, the number of classes read from the logits."""
     torch.manual_seed(0)
     model, (images, labels) = TinyNet(), data()
-    ref = copy.deepcopy(model)
-    want = torch.autograd.grad(soft_target_cross_entropy(ref(images), one_hot(labels, 0.1)),
-                               list(ref.parameters()))
+    want = pass_grads(model, images, one_hot(labels, 0.1))
     TwoPassStep(model, None, label_smoothing=0.1)(images, labels)
     assert_grads_close(step_grads(model), want, rtol=1e-5, atol=1e-6)
 
@@ -181,9 +184,9 @@ def test_single_pass_mixers_take_one_full_weight_pass(cls):
     """Mixup and CutMix: gradients of the mixed pass alone (eta does not apply)."""
     torch.manual_seed(0)
     model, (images, labels) = TinyNet(), data()
-    ref, mixed_x = copy.deepcopy(model), images.clone()
+    mixed_x = images.clone()
     result = cls(K).mix(mixed_x, labels, generator=torch.Generator().manual_seed(1))
-    want = torch.autograd.grad(soft_target_cross_entropy(ref(mixed_x), result.targets), list(ref.parameters()))
+    want = pass_grads(model, mixed_x, result.targets)
     names = []
     out = TwoPassStep(model, cls(K), eta=0.3)(images, labels, generator=torch.Generator().manual_seed(1),
                                                stage=recorder(names))
@@ -278,6 +281,7 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
             (SaliencyMixup(K), 1.0)]
     for i, (mixer, eta) in enumerate(runs):
         step = TwoPassStep(ddp, mixer, eta=eta)
+        assert step.features is None or step.features.layer == "stage"  # found through the wrapper
         images, labels = data(seed=10 * rank + i)            # different data on each rank
         grads, *_ = reference(model, mixer, images, labels, eta, seed=rank)
         for g in grads:                                       # what DDP must produce: the mean
