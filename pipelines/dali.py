@@ -38,8 +38,11 @@ the files in flight one by one with DALI and raise an error naming the first tha
 hot path pays nothing for this; CMYK, grayscale and PNG-named-JPEG files decode to the right RGB.
 
 **Output.** ``crop_mirror_normalize`` writes float16 or float32 directly (bfloat16: float32 and one
-cast in torch); ``CHW`` for NCHW output, ``HWC`` plus a zero-copy permute for channels-last. The
-PyTorch iterator hands DALI's buffers over by DLPack, without a copy, on CPU and GPU.
+cast in torch); ``CHW`` for NCHW output, ``HWC`` plus a zero-copy permute for channels-last
+(measured on CPU at 160 px: DALI spends the same time writing either layout, while making a CHW
+batch channels-last in torch is a full extra copy). The PyTorch iterator hands DALI's buffers
+over by DLPack (DALI's default executor), without a copy, on CPU and GPU, and they stay valid
+while held.
 """
 from __future__ import annotations
 
