@@ -59,7 +59,8 @@ def decoded(batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     none = [np.zeros(0, dtype=int)]
     pairs = [decode_batch(x) for x, _ in batches]
     return (np.concatenate([y.numpy() for _, y in batches] + none),
-            np.concatenate([p[0] for p in pairs] + none), np.concatenate([p[1] for p in pairs] + none))
+            np.concatenate([p[0] for p in pairs] + none),
+            np.concatenate([p[1] for p in pairs] + none))
 
 
 # --- labels, shards, order --------------------------------------------------------------------
