@@ -46,14 +46,14 @@ def _pixel_grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """Smooth random colour blobs, and on half the images stripes: float32 H x W x 3."""
-    grid = rng.integers(0, 256, (rng.integers(2, 6), rng.integers(2, 6), 3), dtype=np.uint8)
+    """Smooth, muted random colour blobs, and on half the images stripes: float32 H x W x 3."""
+    grid = rng.integers(40, 216, (rng.integers(2, 6), rng.integers(2, 6), 3), dtype=np.uint8)
     bg = np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BILINEAR), np.float32)
     if rng.random() < 0.5:
         yy, xx = _pixel_grid(width, height)
         angle, period = rng.uniform(0, np.pi), rng.uniform(6, 20)
         phase = (xx * np.cos(angle) + yy * np.sin(angle)) / period
-        bg += rng.uniform(15, 40) * np.sign(np.sin(2 * np.pi * phase))[..., None]
+        bg += rng.uniform(10, 25) * np.sign(np.sin(2 * np.pi * phase))[..., None]
     return bg
 
 
@@ -72,7 +72,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _distinct_color(rng: np.random.Generator, avoid: np.ndarray, min_distance: float = 100) -> np.ndarray:
+def _distinct_color(rng: np.random.Generator, avoid: np.ndarray, min_distance: float = 120) -> np.ndarray:
     """A random colour at least ``min_distance`` (RGB) from ``avoid`` (the farthest of 16 if none is)."""
     candidates = rng.uniform(16, 240, (16, 3)).astype(np.float32)    # grain never clips
     distance = np.linalg.norm(candidates - avoid, axis=1)
@@ -85,7 +85,7 @@ def draw_image(rng: np.random.Generator, label: int) -> tuple[np.ndarray, list[i
     shape, pattern = CLASSES[label].split("_")
     width, height = SIZES[rng.integers(len(SIZES))]
     image = _background(rng, width, height)
-    radius = rng.uniform(0.2, 0.42) * min(width, height)
+    radius = rng.uniform(0.28, 0.45) * min(width, height)
     cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
     x0, y0 = int(cx - radius), int(cy - radius)
     window = (slice(y0, int(cy + radius) + 1), slice(x0, int(cx + radius) + 1))
@@ -97,7 +97,7 @@ def draw_image(rng: np.random.Generator, label: int) -> tuple[np.ndarray, list[i
     region = image[window]
     color = _distinct_color(rng, region.mean(axis=(0, 1)))
     if pattern == "striped":
-        angle, period = rng.uniform(0, np.pi), rng.uniform(0.3, 0.5)
+        angle, period = rng.uniform(0, np.pi), rng.uniform(0.35, 0.55)
         stripes = np.sin(2 * np.pi * (u * np.cos(angle) + v * np.sin(angle)) / period) > 0
         region[mask & stripes] = color
         region[mask & ~stripes] = _distinct_color(rng, color)
@@ -139,11 +139,15 @@ def write_demo_dataset(root: str | os.PathLike, *, seed: int = 0, train_per_clas
                 rel = f"{split}/{name}/{i:05d}.JPEG"
                 (root / rel).write_bytes(_jpeg(pixels))
                 boxes[rel] = box
-    (root / BOXES).write_text(json.dumps(boxes, indent=0, sort_keys=True))
-    manifest = {"version": VERSION, "seed": seed, "train_per_class": train_per_class,
-                "val_per_class": val_per_class}
-    (root / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
+    (root / BOXES).write_text(json.dumps(boxes, sort_keys=True))
+    (root / MANIFEST).write_text(json.dumps(_manifest(seed, train_per_class, val_per_class), sort_keys=True))
     return root
+
+
+def _manifest(seed: int, train_per_class: int, val_per_class: int) -> dict:
+    """What ``demo.json`` records: the parameters that determine every file."""
+    return {"version": VERSION, "seed": seed, "train_per_class": train_per_class,
+            "val_per_class": val_per_class}
 
 
 def _is_complete(root: Path, manifest: dict) -> bool:
@@ -151,11 +155,12 @@ def _is_complete(root: Path, manifest: dict) -> bool:
     try:
         if json.loads((root / MANIFEST).read_text()) != manifest:
             return False
+        boxes = load_boxes(root)
     except (OSError, ValueError):
         return False
     expected = len(CLASSES) * (manifest["train_per_class"] + manifest["val_per_class"])
     images = sum(1 for split in SPLITS for _ in (root / split).glob("*/*.JPEG"))
-    return images == expected and len(load_boxes(root)) == expected
+    return images == len(boxes) == expected
 
 
 def ensure_demo_dataset(root: str | os.PathLike, *, seed: int = 0, train_per_class: int = 300,
@@ -166,8 +171,7 @@ def ensure_demo_dataset(root: str | os.PathLike, *, seed: int = 0, train_per_cla
     leaves half a dataset. A non-empty ``root`` that is not a demo dataset is never touched.
     """
     root = Path(root)
-    manifest = {"version": VERSION, "seed": seed, "train_per_class": train_per_class,
-                "val_per_class": val_per_class}
+    manifest = _manifest(seed, train_per_class, val_per_class)
     if _is_complete(root, manifest):
         return root
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).exists():
@@ -175,7 +179,11 @@ def ensure_demo_dataset(root: str | os.PathLike, *, seed: int = 0, train_per_cla
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_demo_dataset(tmp, seed=seed, train_per_class=train_per_class, val_per_class=val_per_class)
+    try:
+        write_demo_dataset(tmp, seed=seed, train_per_class=train_per_class, val_per_class=val_per_class)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = root.parent / f".{root.name}.old-{os.getpid()}"
     if root.exists():
         root.rename(old)

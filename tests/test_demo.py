@@ -111,8 +111,8 @@ def test_drawn_object_fills_its_box_tightly(label):
 
 
 def test_ensure_is_idempotent_and_repairs_an_incomplete_dataset(tmp_path):
-    """A second call leaves the files untouched; after losing an image the dataset is rewritten
-    whole; other parameters rewrite it; leftovers of an interrupted run are ignored."""
+    """A second call leaves the files untouched; after losing an image or the boxes the dataset
+    is rewritten whole; other parameters rewrite it; leftovers of an interrupted run are ignored."""
     root = tmp_path / "demo"
     (tmp_path / ".demo.tmp-99999").mkdir()                       # an interrupted run's leftover
     assert ensure_demo_dataset(root, **SMALL) == root
@@ -120,9 +120,10 @@ def test_ensure_is_idempotent_and_repairs_an_incomplete_dataset(tmp_path):
     ensure_demo_dataset(root, **SMALL)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps
     reference = file_bytes(root)
-    (root / "val" / CLASSES[3] / "00001.JPEG").unlink()
-    ensure_demo_dataset(root, **SMALL)
-    assert file_bytes(root) == reference
+    for lost in (root / "val" / CLASSES[3] / "00001.JPEG", root / "boxes.json"):
+        lost.unlink()
+        ensure_demo_dataset(root, **SMALL)
+        assert file_bytes(root) == reference
     ensure_demo_dataset(root, seed=5, **SMALL)
     assert file_bytes(root).keys() == reference.keys() and file_bytes(root) != reference
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.tmp-99999", "demo"]
