@@ -193,9 +193,26 @@ def test_validation_resizes_the_shorter_side_then_centre_crops(tmp_path):
     assert red[:4].min() > 150 and red[9:].max() < 80
 
 
+def test_training_crops_and_flips_vary_per_image(tmp_path):
+    """24 copies of one image, red left half and blue right half: training outputs show red on
+    the left (kept) and on the right (flipped), in many proportions (random-resized crops)."""
+    from PIL import Image
+    img = Image.new("RGB", (64, 64), (200, 30, 30))
+    img.paste((30, 30, 200), (32, 0, 64, 64))
+    (tmp_path / "c0").mkdir()
+    for k in range(24):
+        img.save(tmp_path / "c0" / f"{k:02d}.JPEG", quality=95)
+    images = torch.cat([x for x, _ in run_epoch(loader(tmp_path, train=True, batch_size=8))])
+    red = images[:, 0].mean(dim=1) * IMAGENET_STD_255[0] + IMAGENET_MEAN_255[0]  # N x W
+    left, right = red[:, :4].mean(dim=1), red[:, -4:].mean(dim=1)
+    assert (left > right + 100).any() and (right > left + 100).any()
+    assert len(torch.unique((red > 115).float().mean(dim=1))) >= 5
+
+
 # --- sources and configuration ----------------------------------------------------------------
 
 def test_dali_file_list_source_gives_the_same_samples_as_the_folder(tree, tmp_path):
+    """A DALI ``name label`` list with paths relative to the list: same samples, same labels."""
     listing = tmp_path / "list.txt"
     rel = os.path.relpath(tree, tmp_path)
     lines = [f"{rel}/c{label:02d}/img{k:03d}.JPEG {label}"
