@@ -51,6 +51,7 @@ KINDS = {
     "truncated": Kind(True, "fail (PIL), or return the image with its missing part grey (libjpeg)"),
     "corrupt": Kind(True, "fail: the decoder rejects the data"),
     "corrupt_scan": Kind(True, "mis-read: decoders return a damaged picture without an error"),
+    "high_bit_depth": Kind(True, "mis-read: PIL's RGB conversion clips values above 255, not scales"),
     "empty_class": Kind(True, "fail: an empty class folder would shift or orphan labels"),
     "wrong_format": Kind(False, "handled: decoded by content, whatever the file name says"),
     "cmyk": Kind(False, "handled: converted to RGB"),
@@ -172,6 +173,8 @@ def check_file(path: str | os.PathLike, *, decode: bool = True) -> Problem | Non
         return Problem(path, kind, f"{type(e).__name__}: {e}")
     if strict_jpeg and fmt in JPEG_FORMATS and (problem := _jpeg_problem(path, data)):
         return problem
+    if mode == "F" or mode.startswith("I"):
+        return Problem(path, "high_bit_depth", f"{fmt} in mode {mode}")
     extension = os.path.splitext(path)[1]
     if fmt not in FORMATS_BY_EXTENSION.get(extension.lower(), {fmt}):
         return Problem(path, "wrong_format", f"{fmt} data under a {extension} name")

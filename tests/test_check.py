@@ -45,6 +45,8 @@ def bad_tree(tmp_path_factory):
         expected[str(root / "c02" / name)] = "wrong_format"
     (root / "c02" / "jpeg.png").write_bytes(photo_jpeg((32, 24)))
     expected[str(root / "c02" / "jpeg.png")] = "wrong_format"
+    Image.new("I;16", (32, 24), 1000).save(root / "c02" / "sixteen_bit.png")
+    expected[str(root / "c02" / "sixteen_bit.png")] = "high_bit_depth"
     expected[str(add_empty_class(root))] = "empty_class"
     for path in (root / "c00" / "labels.txt", root / "c00" / "img.JPEG.bak", root / "stray.jpg"):
         path.write_text("loaders never read this")
