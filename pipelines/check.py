@@ -51,7 +51,8 @@ KINDS = {
     "truncated": Kind(True, "fail (PIL), or return the image with its missing part grey (libjpeg)"),
     "corrupt": Kind(True, "fail: the decoder rejects the data"),
     "corrupt_scan": Kind(True, "mis-read: decoders return a damaged picture without an error"),
-    "high_bit_depth": Kind(True, "mis-read: PIL's RGB conversion clips values above 255, not scales"),
+    "high_bit_depth": Kind(True, "fail (FolderLoader) or mis-read: PIL's RGB conversion clips "
+                                 "values above 255"),
     "empty_class": Kind(True, "fail: an empty class folder would shift or orphan labels"),
     "wrong_format": Kind(False, "handled: decoded by content, whatever the file name says"),
     "cmyk": Kind(False, "handled: converted to RGB"),

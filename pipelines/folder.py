@@ -36,9 +36,14 @@ def default_num_workers() -> int:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` to an RGB image; any failure is a RuntimeError naming the file."""
+    """Decode ``path`` to an RGB image; any failure is a RuntimeError naming the file.
+
+    Images of more than 8 bits per channel are refused: PIL's RGB conversion would clip them.
+    """
     try:
         with Image.open(path) as img:
+            if img.mode == "F" or img.mode.startswith("I"):
+                raise ValueError(f"mode {img.mode} has more than 8 bits per channel; convert it to 8-bit")
             return img.convert("RGB")
     except Exception as e:
         raise RuntimeError(f"cannot decode {path}: {e}") from e

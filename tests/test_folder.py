@@ -219,6 +219,15 @@ def test_bad_files_decode_to_the_right_colour_or_fail_naming_the_file(tmp_path, 
             next(iter(loader))
 
 
+def test_images_deeper_than_8_bits_are_refused_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (which PIL's RGB conversion would clip to white) raises naming it."""
+    write_coded_tree(tmp_path, classes=2, per_class=2)
+    path = tmp_path / "c01" / "deep.png"
+    Image.new("I;16", (40, 30), 1000).save(path)
+    with pytest.raises(RuntimeError, match=f"cannot decode {path}: mode I;16 has more than 8 bits"):
+        list(folder(tmp_path, train=False, batch_size=8))
+
+
 def test_decode_errors_in_a_worker_name_the_file(tmp_path):
     """An error in a DataLoader worker process reaches the caller with the file's path."""
     write_coded_tree(tmp_path, classes=2, per_class=3)
