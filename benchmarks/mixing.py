@@ -147,9 +147,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--nchw", action="store_true", help="NCHW batches instead of channels-last")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mixing.json"))
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype, amp = (torch.float16, torch.float16) if cuda else (torch.float32, None)

@@ -59,7 +59,7 @@ def find_feature_layer(model: nn.Module, probe_size: int = 128) -> str:
         for handle in handles:
             handle.remove()
         for m, training in modes.items():
-            m.train(training)
+            m.training = training
     spatial = [name for name, shape in shapes if len(shape) == 4 and shape[-2] * shape[-1] > 1]
     if not spatial:
         raise ValueError(f"no direct child of {type(model).__name__} outputs a spatial map (N, C, h, w) "
