@@ -132,11 +132,14 @@ class FolderLoader(Loader):
         self.drop_last = train if drop_last is None else bool(drop_last)
         self._check_batches()
 
+    def _val_block(self) -> range:
+        n, rank, world = self.num_samples, self.shard.rank, self.shard.world_size
+        return range(n * rank // world, n * (rank + 1) // world)
+
     def _shard_samples(self) -> int:
-        n, world = self.num_samples, self.shard.world_size
         if self.train:
-            return math.ceil(n / world)
-        return n * (self.shard.rank + 1) // world - n * self.shard.rank // world
+            return math.ceil(self.num_samples / self.shard.world_size)
+        return len(self._val_block())
 
     def __len__(self) -> int:
         n, bs = self._shard_samples(), self.batch_size
@@ -150,11 +153,10 @@ class FolderLoader(Loader):
                 f"in {self.index.root}")
 
     def _sampler(self) -> DistributedSampler | range:
-        n, rank, world = self.num_samples, self.shard.rank, self.shard.world_size
         if not self.train:
-            return range(n * rank // world, n * (rank + 1) // world)
-        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
-                                     seed=self.seed)
+            return self._val_block()
+        sampler = DistributedSampler(range(self.num_samples), num_replicas=self.shard.world_size,
+                                     rank=self.shard.rank, shuffle=True, seed=self.seed)
         sampler.set_epoch(self.epoch)
         return sampler
 
