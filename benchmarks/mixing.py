@@ -5,7 +5,7 @@ one run and on one device, the median time per batch of:
 
 * the floor: one gather of the batch ``x[perm]`` plus one in-place blend (what any in-place
   pairwise mixer must at least do);
-* each mixer (Mixup, CutMix, Saliency Grafting, SAGE when ``mixing.sage`` exists), fed the
+* each mixer (Mixup, CutMix, Saliency Grafting, SAGE, each with its defaults), fed the
   saliency a real ResNet-18 gives on that batch: layer4 feature maps for Grafting (7x7 at
   224 px, 2x2 at 64 px) and mean-|input gradient| maps for SAGE;
 * one ResNet-18 training step (forward, backward, SGD step) at the same batch and size.
@@ -35,14 +35,9 @@ sys.path[0] = str(ROOT)  # this script is named mixing.py: import the package, n
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from mixing import CutMix, Mixup, SaliencyGrafting  # noqa: E402
+from mixing import SAGE, CutMix, Mixup, SaliencyGrafting  # noqa: E402
 from mixing.base import Mixer, blend_  # noqa: E402
 from mixing.saliency import FeatureSaliency, gradient_saliency  # noqa: E402
-
-try:
-    from mixing.sage import SAGE  # noqa: E402
-except ImportError:  # being written alongside; benchmarked once it exists
-    SAGE = None
 
 NUM_CLASSES = 1000
 TARGETS = {"grafting_x_floor": 2.0, "sage_x_floor_224px": 4.0, "share_of_step": 0.03}
@@ -116,9 +111,8 @@ def bench_setting(n: int, size: int, device: torch.device, dtype: torch.dtype, a
         "mixup": (Mixup(NUM_CLASSES), None),
         "cutmix": (CutMix(NUM_CLASSES), None),
         "grafting": (SaliencyGrafting(NUM_CLASSES), feature_maps),
+        "sage": (SAGE(NUM_CLASSES), gradient_maps),  # defaults: search_size=32, its ImageNet choice
     }
-    if SAGE is not None:
-        mixers["sage"] = (SAGE(NUM_CLASSES), gradient_maps)
     rows = {}
     for name, (mixer, saliency) in mixers.items():
         seconds, fastest = timings(lambda: mixer.mix(x, labels, saliency, generator=gen), device, warmup, repeats)

@@ -3,9 +3,10 @@ soft targets, and the two-pass training step."""
 from .base import MixResult, Mixer, soft_target_cross_entropy
 from .baselines import CutMix, Mixup
 from .grafting import SaliencyGrafting
+from .sage import SAGE
 from .saliency import FeatureSaliency, find_feature_layer, gradient_saliency
 from .step import StepOutput, TwoPassStep
 
-__all__ = ["CutMix", "FeatureSaliency", "MixResult", "Mixer", "Mixup", "SaliencyGrafting",
+__all__ = ["CutMix", "FeatureSaliency", "MixResult", "Mixer", "Mixup", "SAGE", "SaliencyGrafting",
            "StepOutput", "TwoPassStep", "find_feature_layer", "gradient_saliency",
            "soft_target_cross_entropy"]
