@@ -22,6 +22,7 @@ _PRELUDE = """\
 import importlib, os, pwd, sys
 for module in {modules!r}:
     importlib.import_module(module)
+{as_root}
 if os.geteuid() == 0:
     nobody = pwd.getpwnam("nobody")
     os.setgroups([])
@@ -41,7 +42,13 @@ def public_dir() -> Iterator[Path]:
         shutil.rmtree(path)
 
 
-def run_unprivileged(code: str, modules: tuple[str, ...], timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``code`` in a child Python that imports ``modules``, then drops root to ``nobody``."""
-    return subprocess.run([sys.executable, "-c", _PRELUDE.format(modules=modules) + code],
+def run_unprivileged(code: str, modules: tuple[str, ...], timeout: float = 120,
+                     as_root: str = "") -> subprocess.CompletedProcess:
+    """Run ``code`` in a child Python that imports ``modules``, then drops root to ``nobody``.
+
+    ``as_root``: code run before dropping root, e.g. to start helper processes (such as
+    multiprocessing's resource tracker) that ``nobody`` could not launch.
+    """
+    prelude = _PRELUDE.format(modules=modules, as_root=as_root)
+    return subprocess.run([sys.executable, "-c", prelude + code],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
