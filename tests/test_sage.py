@@ -381,14 +381,16 @@ def test_saliency_of_another_size_is_resized_bilinearly():
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
 def test_extreme_lambda_keeps_both_maps_alive(lam):
-    """lam = 0 or 1: the rescaling is floored at 1e-12 (the authors' clip), so no NaN and M
-    follows the surviving map (close to 0 resp. 1 where both images overlap)."""
+    """lam = 0 or 1: the rescaling is floored at 1e-12 (the authors' clip), so no NaN, and at
+    shift 0 the mix is all partner resp. all anchor (M and gamma 0 resp. 1)."""
     x, labels, sal = batch()
     out = x.clone()
     res = SAGE(5).mix(out, labels, sal, perm=torch.tensor([1, 0, 3, 2]), lam=lam,
                       shifts=torch.tensor([[0, 0]]))
     assert torch.isfinite(out).all() and torch.isfinite(res.targets).all()
     np.testing.assert_allclose(res.mask.numpy(), lam, atol=1e-6)
+    np.testing.assert_allclose(res.weight.numpy(), lam, atol=1e-6)
+    np.testing.assert_allclose(out.numpy(), (x if lam else x[[1, 0, 3, 2]]).numpy(), atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
