@@ -102,19 +102,32 @@ def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tenso
     """Eq. 4, the total saliency of the mix of every pair ``(s0[i], s1[i])`` (N, h, w) for every
     candidate shift (K, 2) of ``s1``: (N, K).
 
-    Outside the overlap of the two frames ``T(s1) = 0`` and the summand is ``s0``, so
-    ``v = sum(s0) + sum over the overlap of t (t - s0) / (s0 + t)``: a candidate costs only its
-    overlap (a quarter of the frame on average) and no translated copy. The loop runs over the
-    candidates, each scored for the whole batch at once.
+    Per pixel, with ``t = T(s1)`` and M of Eq. 2, ``s0 M + t (1 - M) = s0 + t - 2 / (1/s0 + 1/t)``.
+    The first term sums to the same for every shift, the second to the partner's mass left in
+    the frame (:func:`mass_in_frame`), and the harmonic term is 0 wherever either map is 0
+    (1/0 = inf): only the overlap of the two frames is computed, without a clamp or a translated
+    copy. The loop runs over the candidates, each scored for the whole batch in three ops.
     """
     h, w = s0.shape[-2:]
-    scores = s0.sum(dim=(1, 2))[:, None].repeat(1, len(shifts))
+    inv0, inv1 = s0.reciprocal(), s1.reciprocal()
+    harmonic = s0.new_empty(s0.shape[0], len(shifts))
     for k, (dy, dx) in enumerate(shifts.tolist()):
-        a = s0[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
-        t = s1[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-        den = torch.add(a, t).clamp_(min=ZETA)
-        scores[:, k] += torch.sub(t, a).mul_(t).div_(den).sum(dim=(1, 2))
-    return scores
+        a = inv0[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
+        b = inv1[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+        harmonic[:, k] = torch.add(a, b).reciprocal_().sum(dim=(1, 2))
+    return s0.sum(dim=(1, 2))[:, None] + mass_in_frame(s1, shifts) - 2 * harmonic
+
+
+def mass_in_frame(s: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``sum(T(s[i], shift))`` for every map (N, h, w) and shift (K, 2): (N, K), from an integral
+    image (float64: no cancellation)."""
+    h, w = s.shape[-2:]
+    integral = F.pad(s.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
+    dy, dx = shifts[:, 0], shifts[:, 1]
+    r0, r1 = (-dy).clamp(min=0), h - dy.clamp(min=0)
+    c0, c1 = (-dx).clamp(min=0), w - dx.clamp(min=0)
+    mass = integral[:, r1, c1] - integral[:, r0, c1] - integral[:, r1, c0] + integral[:, r0, c0]
+    return mass.to(s.dtype)
 
 
 def shifted_partner(x: torch.Tensor, perm: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
