@@ -1,11 +1,18 @@
 """NVIDIA DALI loaders: :class:`DaliLoader` over an ImageFolder tree (or a DALI file list),
 :class:`DaliAdaptor` over a DALI pipeline or iterator you already have.
 
-**How DaliLoader feeds DALI.** Each batch's file paths, labels and output size come from
-Python through ``fn.external_source`` and are read by ``fn.io.file.read``; decoding (``mixed``
-on a GPU, ``cpu`` otherwise), random-resized-crop, resize, flip and normalisation run in DALI.
-We chose this over ``fn.readers.file`` (sharded, ``random_shuffle``, ``pad_last_batch``) and over
-one built pipeline per (resolution, batch size) because, measured with DALI 2.4:
+**Which reader.** Use ``reader="feed"`` (the default: exact, resumable epochs) unless you want
+DALI's own ``fn.readers.file`` (``reader="file"``: NVIDIA's ResNet-50 recipe, DALI picks and
+reads the files, but its order is not a function of ``(seed, epoch)``, so a resumed run sees
+another order).
+Both modes share the decode, crop, resize and normalise graph, the output handling, the shard
+sizes (so ``len`` is the same) and the bad-file reporting.
+
+**Feed mode: how DaliLoader feeds DALI.** Each batch's file paths, labels and output size come
+from Python through ``fn.external_source`` and are read by ``fn.io.file.read``; decoding
+(``mixed`` on a GPU, ``cpu`` otherwise), random-resized-crop, resize, flip and normalisation run in
+DALI. We chose this over ``fn.readers.file`` (sharded, ``random_shuffle``, ``pad_last_batch``) and
+over one built pipeline per (resolution, batch size) because, measured with DALI 2.4:
 
 - ``readers.file`` shards a fixed order: ``random_shuffle`` pre-shuffles the list once with a
   hard-coded seed (so class-sorted lists do give mixed batches) and then only permutes inside a
@@ -31,12 +38,49 @@ per epoch, no decoding wasted); a loop that stops early drains the (at most ``pr
 batches in flight. Crops and flips come from DALI's per-pipeline generator seeded with
 ``(seed, rank)``: the same for the same seed and the same sequence of epochs.
 
+**File mode: how the reader is held to the contract.** ``fn.readers.file(files=, labels=)``
+reads the same listing (so labels agree with every backend), with ``shard_id``/``num_shards``,
+``random_shuffle`` (train), ``pad_last_batch=True``, ``stick_to_shard`` (validation only) and
+an explicit seed, iterated by ``DALIGenericIterator(reader_name="Reader",
+last_batch_policy=FILL)``.
+
+- With ``pad_last_batch`` every rank's reader epoch is ``ceil(ceil(N/W) / bs)`` full batches:
+  the shard, then copies of its last sample up to the largest shard's size and a whole batch
+  (padding always comes last: the shuffle buffer draws an epoch's samples from its shard
+  only). We keep the first
+  ``N // W`` samples (train) or the whole shard (validation, contiguous ``[r*N//W,
+  (r+1)*N//W)`` in folder order), batched exactly as in feed mode, and read and drop the rest
+  before delivering the epoch's last batch, so the next epoch starts on the reader's epoch
+  boundary. The iterator's own policies cannot do this: ``DROP`` leaves the padded batch to the
+  next epoch when the smaller shards are a multiple of the batch size (the epochs drift), and
+  ``PARTIAL`` then yields an empty batch.
+- Sizes without lag: the ``fn.external_source`` that feeds sizes counts batches; batch ``k`` of
+  the reader's stream belongs to epoch ``first + k // batches_per_epoch``, so the batches DALI
+  prefetches across the epoch boundary already have the next epoch's size (unlike feed mode,
+  prefetching runs on across epochs: no latency at an epoch's start). A new pipeline is
+  built (the reader restarts) only when the batch size changes, after a loop that stopped
+  mid-epoch or a failure, or when ``set_epoch`` jumps to an epoch whose size the prefetched
+  batches do not have (a validation loader iterated again at a fixed size keeps its pipeline).
+
+Weaker than feed mode: the order is DALI's. The listing is pre-shuffled once with a seed fixed
+inside DALI and cut into contiguous shards; in training the shards rotate (rank ``r`` starts on
+shard ``(r + e0) % W``, ``e0`` being the epoch the pipeline was built for, and moves to the next
+shard every epoch) and each is read through a 1024-sample shuffle buffer seeded from
+``(seed, rank, e0)``. So the same seed and start epoch repeat the order and the crops, but a
+resumed run (a new loader at epoch ``e``) sees another order than the uninterrupted one, and
+the samples a rank leaves out of an epoch (its shard beyond ``N // W``) are those its buffer
+emits last, not a uniform draw. Every rank needs a sample (``N >= W``, also in validation), and
+each batch-size change rebuilds the pipeline.
+
 **Bad files.** DALI's message names the file when reading fails (empty, missing, unreadable)
 but not when decoding does (truncated, corrupt, non-image: ``nvImageCodec failure: '#3'``). On a
-pipeline error we re-decode the files in flight one by one with DALI and raise an error naming
-the first that fails: nothing on the hot path, about 2.5 ms per file on the error path (two
-seconds for three batches of 256 ImageNet-sized JPEGs). CMYK, grayscale and PNG-named-JPEG
-files decode to the right RGB colours.
+pipeline error we take the files in flight (feed mode: the batches we fed; file mode: the
+failed batch and those prefetched after it, found by replaying the reader's stream without
+decoding, ``fn.get_property(key="source_info")``), re-decode them one by one with DALI and raise
+an error naming the first that fails: nothing on the hot path, about 2.5 ms per file on the
+error path (two seconds for three batches of 256 ImageNet-sized JPEGs), plus, in file mode,
+re-reading (not decoding) the epoch's files up to the failure. CMYK, grayscale and
+PNG-named-JPEG files decode to the right RGB colours.
 
 **Output.** ``crop_mirror_normalize`` writes float16 or float32 directly (bfloat16: float32 and one
 cast in torch); ``CHW`` for NCHW output, ``HWC`` plus a zero-copy permute for channels-last
@@ -47,10 +91,12 @@ while held.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
+from contextlib import closing
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +112,10 @@ from .resolution import ResolutionSchedule
 #: nvJPEG buffer padding of NVIDIA's ResNet-50 example (used by the ``mixed`` decoder only).
 DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
+#: ``DaliLoader(reader=...)``: Python feeds each batch's files, or ``fn.readers.file`` picks them.
+READERS = ("feed", "file")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def default_num_threads() -> int:
@@ -103,28 +153,42 @@ def list_source(source: str | os.PathLike) -> tuple[list[str], list[int], int]:
                             f"nor a file list")
 
 
-@pipeline_def
-def image_pipeline(feed, *, train: bool, decoder: str, dtype: types.DALIDataType, layout: str,
-                   gpu: bool):
-    """Decode, crop, resize and normalise the batches ``feed`` names.
+def _decode_and_crop(encoded, size, shorter=None, *, decoder: str):
+    """Decoded images and ``crop_mirror_normalize``'s geometry arguments.
 
-    ``feed()`` returns ``(paths, labels, size)``, plus ``shorter`` for validation: per sample,
-    the encoded path, its label, the output side and the shorter side before the centre crop.
+    Training (no ``shorter``): random-resized-crop to ``size`` x ``size`` and a random flip.
+    Validation: the shorter side resized to ``shorter``, then a centre crop of ``size``.
     """
     decode = dict(device=decoder, output_type=types.RGB,
                   device_memory_padding=DEVICE_MEMORY_PADDING,
                   host_memory_padding=HOST_MEMORY_PADDING)
-    if train:
-        paths, labels, size = fn.external_source(source=feed, num_outputs=3, batch=True)
-        images = fn.decoders.image_random_crop(fn.io.file.read(paths), random_area=RRC_SCALE,
+    if shorter is None:
+        images = fn.decoders.image_random_crop(encoded, random_area=RRC_SCALE,
                                                random_aspect_ratio=RRC_RATIO, **decode)
-        images = fn.resize(images, resize_x=size, resize_y=size)
-        geometry = {"mirror": fn.random.coin_flip()}
+        return fn.resize(images, resize_x=size, resize_y=size), {"mirror": fn.random.coin_flip()}
+    images = fn.decoders.image(encoded, **decode)
+    return fn.resize(images, resize_shorter=shorter), {"crop_h": size, "crop_w": size}
+
+
+@pipeline_def
+def image_pipeline(feed, *, train: bool, decoder: str, dtype: types.DALIDataType, layout: str,
+                   gpu: bool, reader: dict | None = None):
+    """Decode, crop, resize and normalise one batch per run.
+
+    Feed mode (``reader`` None): ``feed()`` returns ``(paths, labels, size)``, plus ``shorter``
+    for validation: per sample, the encoded path, its label, the output side and the shorter
+    side before the centre crop. File mode: ``fn.readers.file(**reader)`` reads the files and
+    labels, and ``feed()`` returns only the sizes, ``(size,)`` or ``(size, shorter)``.
+    """
+    num_sizes = 1 if train else 2
+    if reader is None:
+        paths, labels, *sizes = fn.external_source(source=feed, num_outputs=2 + num_sizes,
+                                                   batch=True)
+        encoded = fn.io.file.read(paths)
     else:
-        paths, labels, size, shorter = fn.external_source(source=feed, num_outputs=4, batch=True)
-        images = fn.decoders.image(fn.io.file.read(paths), **decode)
-        images = fn.resize(images, resize_shorter=shorter)
-        geometry = {"crop_h": size, "crop_w": size}
+        encoded, labels = fn.readers.file(**reader)
+        sizes = fn.external_source(source=feed, num_outputs=num_sizes, batch=True)
+    images, geometry = _decode_and_crop(encoded, *sizes, decoder=decoder)
     images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout,
                                       mean=list(IMAGENET_MEAN_255), std=list(IMAGENET_STD_255),
                                       **geometry)
@@ -138,13 +202,27 @@ def decode_check_pipeline(feed, *, decoder: str):
                              device=decoder, output_type=types.RGB)
 
 
+@pipeline_def(num_threads=1, prefetch_queue_depth=1, device_id=None)
+def source_info_pipeline(reader: dict):
+    """The file names ``fn.readers.file(**reader)`` yields, read but not decoded: a replay of a
+    file-mode stream that tells which files a failed batch held."""
+    encoded, _ = fn.readers.file(**reader)
+    return fn.get_property(encoded, key="source_info")
+
+
 def _encode(path: str) -> np.ndarray:
     """A path as the 1-D byte array ``fn.io.file.read`` takes."""
     return np.frombuffer(os.fsencode(path), dtype=np.uint8)
 
 
+def _seed(*parts: int) -> int:
+    """A DALI seed (a non-negative int64) drawn from ``parts``."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] >> 1)
+
+
 class _Feed:
-    """The ``external_source`` callback: serves one epoch's batches, remembers those in flight.
+    """Feed mode's ``external_source`` callback: serves one epoch's batches, remembers those in
+    flight.
 
     Paths are encoded once into an object array, so a batch is gathered by one fancy index
     (about 50 us for 256 paths, where encoding them per batch takes about 2 ms).
@@ -176,6 +254,71 @@ class _Feed:
         return out if self.train else out + (np.full(n, self._shorter),)
 
 
+class _ScheduleFeed:
+    """File mode's ``external_source`` callback: the sizes of each batch the reader will read.
+
+    Batch ``k`` of the reader's stream belongs to epoch ``first_epoch + k // per_epoch``, so its
+    size is known from the schedule before DALI prefetches it, across epoch boundaries too.
+    """
+
+    def __init__(self, schedule: ResolutionSchedule, train: bool, batch_size: int,
+                 per_epoch: int, first_epoch: int) -> None:
+        self.schedule, self.train, self.batch_size = schedule, train, batch_size
+        self.per_epoch, self.first_epoch = per_epoch, first_epoch
+        self.fed = 0  # batches whose sizes DALI has taken
+
+    def resolution(self, batch: int, first_epoch: int | None = None) -> int:
+        first = self.first_epoch if first_epoch is None else first_epoch
+        return self.schedule.resolution(first + batch // self.per_epoch)
+
+    def retarget(self, batch: int, epoch: int) -> bool:
+        """Make the reader epoch that starts at ``batch`` epoch ``epoch``, unless the batches
+        already fed from there on would then have had another size (False)."""
+        first = epoch - batch // self.per_epoch
+        if any(self.resolution(k) != self.resolution(k, first) for k in range(batch, self.fed)):
+            return False
+        self.first_epoch = first
+        return True
+
+    def __call__(self) -> tuple[np.ndarray, ...]:
+        res = self.resolution(self.fed)
+        self.fed += 1
+        size = np.full(self.batch_size, res, dtype=np.float32)
+        return (size,) if self.train else (size, np.full_like(size, val_resize(res)))
+
+
+class _ReaderStream:
+    """One built file-mode pipeline: its reader's arguments, size feed, iterator and position."""
+
+    def __init__(self, pipe: Pipeline, feed: _ScheduleFeed, reader: dict) -> None:
+        self.pipe, self.feed, self.reader = pipe, feed, reader
+        self.batch_size = pipe.max_batch_size
+        self.iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                            last_batch_policy=LastBatchPolicy.FILL,
+                                            prepare_first_batch=False)
+        if len(self.iterator) != feed.per_epoch:
+            raise RuntimeError(f"DALI's reader epoch is {len(self.iterator)} batches, expected "
+                               f"{feed.per_epoch} (padded shards): this DALI version pads "
+                               f"differently; use reader='feed'")
+        self.received = 0  # batches taken since the build
+
+    def next(self) -> dict[str, torch.Tensor]:
+        batch = next(self.iterator)[0]
+        self.received += 1
+        return batch
+
+    def replay_files(self, first: int, count: int) -> list[str]:
+        """Files of batches ``first .. first + count - 1`` of this stream, read again."""
+        pipe = source_info_pipeline(self.reader, batch_size=self.batch_size)
+        pipe.build()
+        files = []
+        for k in range(first + count):
+            (info,) = pipe.run()
+            if k >= first:
+                files += [os.fsdecode(np.asarray(info[i]).tobytes()) for i in range(len(info))]
+        return files
+
+
 def _dali_reason(error: Exception) -> str:
     """The operator's own message out of DALI's multi-line pipeline error."""
     text = str(error).split("encountered:")[-1]
@@ -187,6 +330,12 @@ def _dali_reason(error: Exception) -> str:
 class DaliLoader(Loader):
     """ImageNet-style DALI loader over an ImageFolder directory or a DALI file list.
 
+    ``reader``: ``"feed"`` (default; Python feeds each batch's files: the epoch order is a
+    function of ``(seed, epoch)``, exact shards, resumable) or ``"file"`` (DALI's
+    ``fn.readers.file`` with ``pad_last_batch``, as in NVIDIA's ResNet-50 example: the same
+    batch counts, shards and sizes, but DALI's order: pre-shuffled once with a seed fixed in
+    DALI, rotating training shards, a 1024-sample shuffle buffer, so a resumed run does not see
+    the same order; needs ``N >= world_size``). Choose ``"feed"`` unless you need DALI's reader.
     ``prefetch`` is DALI's ``prefetch_queue_depth``. See the module docstring for the design.
     """
 
@@ -203,6 +352,7 @@ class DaliLoader(Loader):
         num_workers: int | None = None,
         drop_last: bool | None = None,
         prefetch: int = 2,
+        reader: str = "feed",
     ) -> None:
         super().__init__(train=train, batch_size=batch_size, resolution=resolution,
                          output=output, shard=shard, seed=seed)
@@ -210,8 +360,14 @@ class DaliLoader(Loader):
                                    ("seed", seed, 0)):
             if value is not None and (not isinstance(value, int) or value < least):
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        self.paths, labels, self.num_classes = list_source(source)
+        if reader not in READERS:
+            raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
+        self.reader = reader
+        self.paths, self.labels, self.num_classes = list_source(source)
         self.num_samples = len(self.paths)
+        if reader == "file" and self.num_samples < self.shard.world_size:
+            raise ValueError(f"reader='file' needs a sample for every rank: {self.num_samples} "
+                             f"samples for {self.shard.world_size} ranks (use reader='feed')")
         self.drop_last = train if drop_last is None else drop_last
         self.num_threads = num_workers or default_num_threads()
         self.prefetch = prefetch
@@ -223,36 +379,31 @@ class DaliLoader(Loader):
         # channels-last is NHWC in memory: DALI writes HWC, a permute views it as NCHW.
         self.layout = "HWC" if self.output.channels_last else "CHW"
         len(self)  # a training split too small for one batch fails here, not in the trainer
-        self._feed = _Feed(self.paths, labels, train)
-        self._pipe = self._build(self.batch_size)
-        self._iterator: DALIGenericIterator | None = None
-        self._active: object | None = None  # the generator currently iterating
+        self._active: object | None = None  # the token of the iteration now running
+        if reader == "feed":
+            self._feed = _Feed(self.paths, self.labels, train)
+            self._pipe = self._fed_pipeline()
+            self._iterator: DALIGenericIterator | None = None
+        else:
+            self._stream: _ReaderStream | None = None  # built by the first iteration
 
-    def _build(self, batch_size: int) -> Pipeline:
+    def _build(self, feed: Callable[[], tuple], batch_size: int, seed: int,
+               reader: dict | None = None) -> Pipeline:
         dtype = types.FLOAT16 if self.output.dtype == torch.float16 else types.FLOAT
-        seed = int(np.random.SeedSequence([self.seed, self.shard.rank]).generate_state(1)[0] >> 1)
-        pipe = image_pipeline(self._feed, train=self.train, decoder="mixed" if self.gpu else "cpu",
-                              dtype=dtype, layout=self.layout, gpu=self.gpu,
-                              batch_size=batch_size, num_threads=self.num_threads,
-                              device_id=self.device_id, seed=seed,
+        pipe = image_pipeline(feed, reader=reader, train=self.train,
+                              decoder="mixed" if self.gpu else "cpu", dtype=dtype,
+                              layout=self.layout, gpu=self.gpu, batch_size=batch_size,
+                              num_threads=self.num_threads, device_id=self.device_id, seed=seed,
                               prefetch_queue_depth=self.prefetch)
         pipe.build()
         return pipe
 
     def _bounds(self) -> tuple[int, int]:
-        """This rank's slice of the epoch order."""
+        """This rank's slice of the epoch order (file mode: its count is what we keep)."""
         n, rank, world = self.num_samples, self.shard.rank, self.shard.world_size
         if self.train:
             return rank * (n // world), (rank + 1) * (n // world)
         return rank * n // world, (rank + 1) * n // world
-
-    def _batches(self, epoch: int) -> list[np.ndarray]:
-        """Dataset indices of this rank's batches in ``epoch``."""
-        start, stop = self._bounds()
-        order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-                 if self.train else np.arange(self.num_samples))[start:stop]
-        bs = self.batch_size
-        return [order[i * bs:(i + 1) * bs] for i in range(len(self))]
 
     def __len__(self) -> int:
         start, stop = self._bounds()
@@ -264,19 +415,52 @@ class DaliLoader(Loader):
                              f"(drop_last={self.drop_last})")
         return batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self._batches(self.epoch)
-        iterator = self._start(batches)
+    def __iter__(self) -> Iterator[Batch]:
         self._active = token = object()
-        try:
-            for _ in batches:
-                if self._active is not token:
-                    raise RuntimeError("this iteration was superseded by a newer iter() over the "
-                                       "same DaliLoader")
-                images, labels = self._next(iterator)
+        epoch = self._fed_epoch if self.reader == "feed" else self._read_epoch
+        with closing(epoch(token)) as batches:
+            for images, labels in batches:
                 if self.layout == "HWC":
                     images = images.permute(0, 3, 1, 2)
                 yield self.output.finish(images), self.output.labels(labels)
+
+    def _check_active(self, token: object) -> None:
+        if self._active is not token:
+            raise RuntimeError("this iteration was superseded by a newer iter() over the "
+                               "same DaliLoader")
+
+    def _bad_file_error(self, error: Exception, suspects: Callable[[], Sequence[str]]
+                        ) -> RuntimeError:
+        """An error naming the file DALI failed on: the one its message names, else the first
+        of ``suspects()`` that fails to decode alone."""
+        reason = _dali_reason(error)
+        named = [p for p in self.paths if p in reason]
+        bad = max(named, key=len) if named else _first_undecodable(suspects(), self.device_id)
+        if bad is None:
+            return RuntimeError(f"DALI failed on a batch, but none of the files in flight "
+                                f"fails to decode alone: {reason}")
+        return RuntimeError(f"DALI cannot load image file {bad}: {reason}")
+
+    # --- feed mode ---------------------------------------------------------------------------
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        """Dataset indices of this rank's batches in ``epoch``."""
+        start, stop = self._bounds()
+        order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+                 if self.train else np.arange(self.num_samples))[start:stop]
+        bs = self.batch_size
+        return [order[i * bs:(i + 1) * bs] for i in range(len(self))]
+
+    def _fed_pipeline(self) -> Pipeline:
+        return self._build(self._feed, self.batch_size, _seed(self.seed, self.shard.rank))
+
+    def _fed_epoch(self, token: object) -> Iterator[Batch]:
+        batches = self._batches(self.epoch)
+        iterator = self._start(batches)
+        try:
+            for _ in batches:
+                self._check_active(token)
+                yield self._next(iterator)
         finally:
             if self._active is token:  # an older, abandoned iteration must not stop this one
                 self._drain()
@@ -286,7 +470,7 @@ class DaliLoader(Loader):
         self._drain()
         if self._pipe is None or self.batch_size > self._pipe.max_batch_size:
             self._iterator = self._pipe = None
-            self._pipe = self._build(self.batch_size)
+            self._pipe = self._fed_pipeline()
         self._feed.start(batches, self.resolution)
         if self._iterator is None:
             self._iterator = DALIGenericIterator(self._pipe, ["images", "labels"],
@@ -295,16 +479,16 @@ class DaliLoader(Loader):
             self._iterator.reset()
         return self._iterator
 
-    def _next(self, iterator: DALIGenericIterator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next(self, iterator: DALIGenericIterator) -> Batch:
         try:
             batch = next(iterator)[0]
         except RuntimeError as e:
             # A failed DALI pipeline cannot run again: rebuild it on the next iter().
-            suspects = np.concatenate(list(self._feed.in_flight) or [np.zeros(0, int)])
+            in_flight = [self.paths[i] for b in self._feed.in_flight for i in b]
             self._feed.stop()
             self._feed.in_flight.clear()
             self._iterator = self._pipe = None
-            raise self._locate_bad_file(e, suspects) from e
+            raise self._bad_file_error(e, lambda: in_flight) from e
         self._feed.in_flight.popleft()
         return batch["images"], batch["labels"]
 
@@ -314,16 +498,63 @@ class DaliLoader(Loader):
         while self._feed.in_flight:
             self._next(self._iterator)
 
-    def _locate_bad_file(self, error: Exception, suspects: np.ndarray) -> RuntimeError:
-        """An error naming the file among ``suspects`` (dataset indices) that DALI fails on."""
-        reason = _dali_reason(error)
-        paths = [self.paths[i] for i in suspects]
-        named = [p for p in paths if p in reason]
-        bad = named[0] if named else _first_undecodable(paths, self.device_id)
-        if bad is None:
-            return RuntimeError(f"DALI failed on a batch, but none of its {len(paths)} files "
-                                f"fails to decode alone: {reason}")
-        return RuntimeError(f"DALI cannot load image file {bad}: {reason}")
+    # --- file mode ---------------------------------------------------------------------------
+
+    def _read_epoch(self, token: object) -> Iterator[Batch]:
+        """This rank's batches of the next reader epoch: the first ``stop - start`` samples of
+        its (padded) shard, batched as in feed mode. The rest of the reader epoch is read and
+        dropped before the last batch is delivered, so the next epoch starts on its boundary."""
+        stream = self._reader_stream()
+        start, stop = self._bounds()
+        keep, wanted, bs = stop - start, len(self), self.batch_size
+        last = None
+        for k in range(stream.feed.per_epoch):
+            self._check_active(token)
+            batch = self._take(stream)
+            if k >= wanted:
+                continue
+            n = min(bs, keep - k * bs)
+            batch = batch["images"][:n], batch["labels"][:n]
+            if k == wanted - 1:
+                last = batch  # delivered once the padding behind it is read
+            else:
+                yield batch
+        if last is not None:
+            yield last
+
+    def _reader_stream(self) -> _ReaderStream:
+        """The running pipeline if it can serve ``self.epoch`` next, else a new one for it."""
+        stream = self._stream
+        if (stream is None or stream.batch_size != self.batch_size
+                or stream.received % stream.feed.per_epoch
+                or not stream.feed.retarget(stream.received, self.epoch)):
+            self._stream = stream = None  # free the old pipeline before building anew
+            self._stream = stream = self._open_reader(self.epoch)
+        elif stream.received:
+            stream.iterator.reset()
+        return stream
+
+    def _open_reader(self, epoch: int) -> _ReaderStream:
+        """A pipeline whose reader starts at ``epoch``: on training shard ``(rank + epoch) % W``,
+        with the shuffle buffer, crops and flips seeded from ``(seed, rank, epoch)``."""
+        rank, world, bs = self.shard.rank, self.shard.world_size, self.batch_size
+        seed = _seed(self.seed, rank, epoch)
+        reader = dict(files=self.paths, labels=self.labels, num_shards=world,
+                      shard_id=(rank + epoch) % world if self.train else rank,
+                      random_shuffle=self.train, stick_to_shard=not self.train,
+                      pad_last_batch=True, seed=seed, name="Reader")
+        per_epoch = math.ceil(math.ceil(self.num_samples / world) / bs)
+        feed = _ScheduleFeed(self.schedule, self.train, bs, per_epoch, epoch)
+        return _ReaderStream(self._build(feed, bs, seed, reader), feed, reader)
+
+    def _take(self, stream: _ReaderStream) -> dict[str, torch.Tensor]:
+        try:
+            return stream.next()
+        except RuntimeError as e:
+            self._stream = None  # a failed DALI pipeline cannot run again
+            failed = stream.received  # DALI reports an error with the batch that hit it
+            raise self._bad_file_error(
+                e, lambda: stream.replay_files(failed, 1 + self.prefetch)) from e
 
 
 def _first_undecodable(paths: Sequence[str], device_id: int | None) -> str | None:
@@ -498,5 +729,5 @@ class DaliAdaptor:
         return self.output.labels(labels)
 
 
-__all__ = ["DaliAdaptor", "DaliLoader", "default_num_threads", "image_pipeline", "list_source",
-           "read_file_list"]
+__all__ = ["READERS", "DaliAdaptor", "DaliLoader", "default_num_threads", "image_pipeline",
+           "list_source", "read_file_list"]

@@ -1,7 +1,8 @@
-"""DaliLoader and DaliAdaptor on real DALI (CPU) over real JPEG trees written here.
+"""DaliLoader (both readers) and DaliAdaptor on real DALI (CPU) over real JPEG trees written here.
 
 Coded images (``tests/imagefiles.py``) tell which file every delivered image came from, so the
 tests check label alignment, shard coverage, duplicates and order from the pixels themselves.
+Contract tests run over both ``reader="feed"`` and ``reader="file"`` (DALI's ``readers.file``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines import OutputSpec, Phase, Phases, Shard, make_loader
 from pipelines.base import IMAGENET_MEAN_255, IMAGENET_STD_255
-from pipelines.dali import DaliAdaptor, DaliLoader
+from pipelines.dali import READERS, DaliAdaptor, DaliLoader
 from tests.imagefiles import (BAD_FILE_WRITERS, DECODABLE, add_bad_file, add_empty_class,
                               code_color, decode_batch, expected_rgb, make_unreadable,
                               write_coded_tree)
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES, PER_CLASS = 4, 12
 N = CLASSES * PER_CLASS
 CPU = OutputSpec(device="cpu")
+each_reader = pytest.mark.parametrize("reader", READERS)
 
 
 @pytest.fixture(scope="module")
@@ -65,45 +67,94 @@ def decoded(batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # --- labels, shards, order --------------------------------------------------------------------
 
+@each_reader
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_train_shards_align_labels_and_give_every_rank_equal_full_batches(tree, label_of, world):
+def test_train_shards_align_labels_and_give_every_rank_equal_full_batches(tree, label_of, world,
+                                                                          reader):
     """Per rank: labels match the pixels, batches are full, ``len`` is exact; over the ranks:
     N // world samples each, all distinct (no padding), the rest of the dataset left out."""
     seen, counts = [], set()
     for rank in range(world):
-        batches = run_epoch(loader(tree, train=True, shard=Shard(rank, world)), epoch=3)
+        train = loader(tree, train=True, shard=Shard(rank, world), reader=reader)
+        batches = run_epoch(train, epoch=3)
         given, labels, indices = decoded(batches)
         assert (given == labels).all() and (label_of[indices] == labels).all()
         assert all(x.shape[0] == 5 for x, _ in batches)
         counts.add(len(batches))
-        assert len(batches) == len(loader(tree, train=True, shard=Shard(rank, world)))
+        assert len(batches) == len(train)
         seen.append(indices)
     assert counts == {(N // world) // 5}
     everything = np.concatenate(seen)
     assert len(np.unique(everything)) == len(everything) == world * ((N // world) // 5) * 5
 
 
-@pytest.mark.parametrize("world", [1, 2, 5, 64])
-def test_val_shards_partition_the_dataset_exactly_in_folder_order(tree, label_of, world):
+@pytest.mark.parametrize("world, batch_size", [(5, 3), (7, 3), (2, 5)])
+def test_file_reader_epochs_stay_on_the_reader_boundary_with_uneven_shards(tree, label_of, world,
+                                                                           batch_size):
+    """readers.file, shards one sample apart (48 over 5 or 7 ranks: the smaller shards hold a
+    whole number of batches of 3, so DALI pads a batch of one repeated image there). Over three
+    consecutive epochs on the same loaders: every rank yields len() full batches of distinct,
+    correctly labelled images, no image twice over the ranks (no padding leaks, no epoch
+    drift), and the shards rotate as documented (rank r reads in epoch e + 1 the shard rank
+    r + 1 read in epoch e, so both fit in one shard)."""
+    loaders = [loader(tree, train=True, batch_size=batch_size, shard=Shard(rank, world),
+                      reader="file") for rank in range(world)]
+    per_rank = (N // world) // batch_size * batch_size
+    epochs = []
+    for epoch in range(3):
+        seen = []
+        for train in loaders:
+            batches = run_epoch(train, epoch)
+            given, labels, indices = decoded(batches)
+            assert (given == labels).all() and (label_of[indices] == labels).all()
+            assert len(batches) == len(train) and {x.shape[0] for x, _ in batches} == {batch_size}
+            assert len(set(indices)) == len(indices) == per_rank
+            seen.append(set(indices))
+        assert len(set.union(*seen)) == world * per_rank
+        epochs.append(seen)
+    largest_shard = -(-N // world)
+    for before, after in zip(epochs, epochs[1:]):
+        for rank in range(world):
+            assert len(after[rank] | before[(rank + 1) % world]) <= largest_shard
+
+
+def val_cases():
+    """(reader, world, batch_size): 7 ranks with batches of 3 make DALI pad a whole batch on the
+    6-sample shard; 64 ranks leave some shards empty, which only feed mode allows."""
+    cases = [(1, 5), (2, 5), (5, 5), (7, 3), (48, 5)]
+    return [(r, w, b) for r in READERS for w, b in cases] + [("feed", 64, 5)]
+
+
+@pytest.mark.parametrize("reader, world, batch_size", val_cases())
+def test_val_shards_partition_the_dataset_exactly_in_folder_order(tree, label_of, reader, world,
+                                                                  batch_size):
     """Validation: every image once over all ranks (some ranks empty when world > N),
-    contiguous shards in ImageFolder order, a partial last batch and no padding; labels match
-    the pixels, decoded after the epoch (DALI's zero-copy buffers are not recycled under us)."""
+    contiguous shards in ImageFolder order, a partial last batch, no padding and no empty
+    batch, twice in a row on the same loader; labels match the pixels, decoded after the epoch
+    (DALI's zero-copy buffers are not recycled under us)."""
     seen = []
     for rank in range(world):
-        val = loader(tree, shard=Shard(rank, world))
-        batches = run_epoch(val)
-        given, labels, indices = decoded(batches)
-        assert (given == labels).all() and (label_of[indices] == labels).all()
-        assert len(batches) == len(val) and all(x.shape[0] == 5 for x, _ in batches[:-1])
-        assert (np.diff(indices) == 1).all()
+        val = loader(tree, shard=Shard(rank, world), batch_size=batch_size, reader=reader)
+        for _ in range(2):
+            batches = run_epoch(val)
+            given, labels, indices = decoded(batches)
+            assert (given == labels).all() and (label_of[indices] == labels).all()
+            assert len(batches) == len(val)
+            assert all(x.shape[0] == batch_size for x, _ in batches[:-1])
+            assert all(x.shape[0] > 0 for x, _ in batches)
+            assert (np.diff(indices) == 1).all()
         seen.append(indices)
     assert (np.concatenate(seen) == np.arange(N)).all()
 
 
-def test_same_seed_repeats_order_and_crops_other_epoch_or_seed_reshuffles(tree):
-    """Order is a function of (seed, epoch); crops and flips repeat with the seed."""
+@each_reader
+def test_same_seed_repeats_order_and_crops_other_epoch_or_seed_reshuffles(tree, reader):
+    """A new loader with the same seed, set to the same epoch, repeats order, crops and flips
+    (file mode: the reader is seeded from (seed, rank, first epoch)); another epoch or seed
+    gives another order."""
     def epoch_images(seed, epoch):
-        return torch.cat([x for x, _ in run_epoch(loader(tree, train=True, seed=seed), epoch)])
+        train = loader(tree, train=True, seed=seed, reader=reader)
+        return torch.cat([x for x, _ in run_epoch(train, epoch)])
 
     first, again = epoch_images(7, 2), epoch_images(7, 2)
     assert torch.equal(first, again)
@@ -112,27 +163,31 @@ def test_same_seed_repeats_order_and_crops_other_epoch_or_seed_reshuffles(tree):
     assert not (decode_batch(epoch_images(8, 2))[1] == order).all()
 
 
-def test_batches_from_a_class_sorted_folder_mix_classes(tree):
-    """The order is a global shuffle, not DALI's 1024-sample buffer: with 4 balanced classes,
-    batches of 8 hold several classes (in folder order they hold one or two)."""
-    batches = run_epoch(loader(tree, train=True, batch_size=8), epoch=0)
+@each_reader
+def test_batches_from_a_class_sorted_folder_mix_classes(tree, reader):
+    """The order mixes the whole folder (feed: a global shuffle; file: DALI's pre-shuffle
+    before the buffer): with 4 balanced classes, batches of 8 hold several classes (in folder
+    order they hold one or two)."""
+    batches = run_epoch(loader(tree, train=True, batch_size=8, reader=reader), epoch=0)
     histograms = [np.bincount(decode_batch(x)[0], minlength=CLASSES) for x, _ in batches]
     assert np.mean([(h > 0).sum() for h in histograms]) >= 3
     assert max(h.max() for h in histograms) <= 5
 
 
-def test_breaking_out_early_leaves_the_next_epoch_whole(tree):
+@each_reader
+def test_breaking_out_early_leaves_the_next_epoch_whole(tree, reader):
     """A loop that stops after one batch: the next epoch still yields exactly its own batches."""
-    broken = loader(tree, train=True)
+    broken = loader(tree, train=True, reader=reader)
     for _ in broken:
         break
-    reference = decoded(run_epoch(loader(tree, train=True), epoch=1))[2]
+    reference = decoded(run_epoch(loader(tree, train=True, reader=reader), epoch=1))[2]
     assert (decoded(run_epoch(broken, epoch=1))[2] == reference).all()
 
 
-def test_a_superseded_iteration_fails_instead_of_stealing_batches(tree):
+@each_reader
+def test_a_superseded_iteration_fails_instead_of_stealing_batches(tree, reader):
     """A second iter() restarts the epoch cleanly; the first iterator then fails loudly."""
-    val = loader(tree)
+    val = loader(tree, reader=reader)
     first = iter(val)
     next(first)
     assert len(list(val)) == len(val)
@@ -142,14 +197,15 @@ def test_a_superseded_iteration_fails_instead_of_stealing_batches(tree):
 
 # --- output format ----------------------------------------------------------------------------
 
+@each_reader
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_output_shape_dtype_layout_and_normalisation(tree, train, channels_last, dtype):
+def test_output_shape_dtype_layout_and_normalisation(tree, train, channels_last, dtype, reader):
     """N x 3 x res x res in the requested dtype and memory format, int64 labels, and solid
     colours normalised to exactly (colour - mean) / std (within JPEG error)."""
     out = OutputSpec(device="cpu", dtype=dtype, channels_last=channels_last)
-    batches = run_epoch(loader(tree, train=train, resolution=40, output=out))
+    batches = run_epoch(loader(tree, train=train, resolution=40, output=out, reader=reader))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in batches:
         assert x.shape[1:] == (3, 40, 40) and x.dtype == dtype
@@ -165,20 +221,44 @@ def test_output_shape_dtype_layout_and_normalisation(tree, train, channels_last,
     assert (images.float() - exact).abs().max() < 0.1  # every pixel, not just the means
 
 
-def test_resolution_and_batch_size_change_exactly_at_the_epoch_boundary(tree):
+@each_reader
+def test_resolution_and_batch_size_change_exactly_at_the_epoch_boundary(tree, reader):
     """The last batch of an epoch has its size, the first batch after set_epoch the next
-    epoch's; growing the batch size rebuilds the pipeline, shrinking reuses it."""
+    epoch's, whatever the batch size does (feed mode rebuilds when it grows, file mode when it
+    changes)."""
     schedule = Phases((Phase(0, 32, 4), Phase(1, 48, 6), Phase(2, 40, 3)))
     train = DaliLoader(tree, train=True, batch_size=99, resolution=schedule, output=CPU,
-                       num_workers=1)
+                       num_workers=1, reader=reader)
     for epoch, (res, bs) in enumerate([(32, 4), (48, 6), (40, 3), (40, 3)]):
         train.set_epoch(epoch)
         assert (train.resolution, train.batch_size, len(train)) == (res, bs, N // bs)
-        shapes = {tuple(x.shape) for x, _ in train}
-        assert shapes == {(bs, 3, res, res)}
+        shapes = [tuple(x.shape) for x, _ in train]
+        assert shapes == [(bs, 3, res, res)] * (N // bs)
 
 
-def test_validation_resizes_the_shorter_side_then_centre_crops(tmp_path):
+def test_file_reader_sizes_follow_the_schedule_through_prefetched_batches(tree):
+    """File mode, one batch size: the pipeline (and its reader) keeps running across epochs,
+    so DALI decodes the next epoch's first batches before set_epoch; they already have the
+    next epoch's size. A jump to an epoch of another size rebuilds; a validation loader
+    iterated again at its fixed size keeps its pipeline."""
+    schedule = Phases((Phase(0, 32), Phase(1, 48), Phase(3, 40)))
+    train = loader(tree, train=True, batch_size=4, resolution=schedule, reader="file",
+                   prefetch=3)
+    pipes = set()
+    for epoch, res in [(0, 32), (1, 48), (2, 48), (3, 40), (4, 40), (0, 32)]:
+        train.set_epoch(epoch)
+        assert [tuple(x.shape[-2:]) for x, _ in train] == [(res, res)] * 12
+        pipes.add(id(train._stream.pipe))
+    assert len(pipes) == 2  # one pipeline for epochs 0-4, a new one for the jump back
+    val = loader(tree, resolution=36, reader="file")
+    for _ in range(3):
+        assert {x.shape[-1] for x, _ in val} == {36}
+        pipes.add(id(val._stream.pipe))
+    assert len(pipes) == 3
+
+
+@each_reader
+def test_validation_resizes_the_shorter_side_then_centre_crops(tmp_path, reader):
     """A 128 x 64 image, red left of x = 48, blue right of it. Resizing the shorter side to
     val_resize(28) = 32 makes it 64 x 32 (red left of 24); the centre crop starts at column 18,
     so columns 0-5 are red. Squashing to 28 x 28 would make columns 0-10 red."""
@@ -187,13 +267,14 @@ def test_validation_resizes_the_shorter_side_then_centre_crops(tmp_path):
     img.paste((30, 30, 200), (48, 0, 128, 64))
     (tmp_path / "c0").mkdir()
     img.save(tmp_path / "c0" / "a.JPEG", quality=95)
-    (x, _), = run_epoch(loader(tmp_path, batch_size=1, resolution=28))
+    (x, _), = run_epoch(loader(tmp_path, batch_size=1, resolution=28, reader=reader))
     red = (x[0, 0] * IMAGENET_STD_255[0] + IMAGENET_MEAN_255[0]).mean(dim=0)
     assert x.shape == (1, 3, 28, 28)
     assert red[:4].min() > 150 and red[9:].max() < 80
 
 
-def test_training_crops_and_flips_vary_per_image(tmp_path):
+@each_reader
+def test_training_crops_and_flips_vary_per_image(tmp_path, reader):
     """24 copies of one image, red left half and blue right half: training outputs show red on
     the left (kept) and on the right (flipped), in many proportions (random-resized crops)."""
     from PIL import Image
@@ -202,7 +283,8 @@ def test_training_crops_and_flips_vary_per_image(tmp_path):
     (tmp_path / "c0").mkdir()
     for k in range(24):
         img.save(tmp_path / "c0" / f"{k:02d}.JPEG", quality=95)
-    images = torch.cat([x for x, _ in run_epoch(loader(tmp_path, train=True, batch_size=8))])
+    train = loader(tmp_path, train=True, batch_size=8, reader=reader)
+    images = torch.cat([x for x, _ in run_epoch(train)])
     red = images[:, 0].mean(dim=1) * IMAGENET_STD_255[0] + IMAGENET_MEAN_255[0]  # N x W
     left, right = red[:, :4].mean(dim=1), red[:, -4:].mean(dim=1)
     assert (left > right + 100).any() and (right > left + 100).any()
@@ -211,29 +293,36 @@ def test_training_crops_and_flips_vary_per_image(tmp_path):
 
 # --- sources and configuration ----------------------------------------------------------------
 
-def test_dali_file_list_source_gives_the_same_samples_as_the_folder(tree, tmp_path):
-    """A DALI ``name label`` list with paths relative to the list: same samples, same labels."""
+@each_reader
+def test_dali_file_list_source_gives_the_same_samples_as_the_folder(tree, tmp_path, reader):
+    """A DALI ``name label`` list with paths relative to the list: same samples, same labels,
+    in validation and (same seed) in training."""
     listing = tmp_path / "list.txt"
     rel = os.path.relpath(tree, tmp_path)
     lines = [f"{rel}/c{label:02d}/img{k:03d}.JPEG {label}"
              for label in range(CLASSES) for k in range(PER_CLASS)]
     listing.write_text("\n".join(lines) + "\n\n")
-    from_list, from_folder = loader(listing), loader(tree)
-    assert (from_list.num_samples, from_list.num_classes) == (N, CLASSES)
-    assert all((a == b).all() for a, b in zip(decoded(run_epoch(from_list)),
-                                              decoded(run_epoch(from_folder))))
+    for train in (False, True):
+        from_list = loader(listing, train=train, reader=reader)
+        from_folder = loader(tree, train=train, reader=reader)
+        assert (from_list.num_samples, from_list.num_classes) == (N, CLASSES)
+        assert all((a == b).all() for a, b in zip(decoded(run_epoch(from_list)),
+                                                  decoded(run_epoch(from_folder))))
 
 
-def test_file_list_entry_missing_on_disk_is_an_error_naming_it(tree, tmp_path):
+@each_reader
+def test_file_list_entry_missing_on_disk_is_an_error_naming_it(tree, tmp_path, reader):
     listing = tmp_path / "list.txt"
     listing.write_text(f"{tree}/c00/img000.JPEG 0\ngone.JPEG 1\n")
     with pytest.raises(RuntimeError, match=re.escape(f"cannot load image file {tmp_path}/gone")):
-        list(loader(listing, batch_size=2))
+        list(loader(listing, batch_size=2, reader=reader))
 
 
-def test_make_loader_builds_a_dali_loader_with_the_split_metadata(tree):
-    made = make_loader("dali", tree, train=False, batch_size=8, resolution=32, output=CPU)
-    assert isinstance(made, DaliLoader)
+@each_reader
+def test_make_loader_builds_a_dali_loader_with_the_split_metadata(tree, reader):
+    made = make_loader("dali", tree, train=False, batch_size=8, resolution=32, output=CPU,
+                       reader=reader)
+    assert isinstance(made, DaliLoader) and made.reader == reader
     assert (made.num_samples, made.num_classes, len(made)) == (N, CLASSES, 6)
 
 
@@ -256,6 +345,8 @@ def source_of_kind(kind: str, tree: Path, tmp_path: Path) -> Path:
     ("tree", dict(batch_size=64), ValueError, "make no batch of 64"),
     ("tree", dict(num_workers=0), ValueError, "num_workers"),
     ("tree", dict(seed=-1), ValueError, "seed"),
+    ("tree", dict(reader="files"), ValueError, "reader must be one of"),
+    ("tree", dict(reader="file", shard=Shard(0, N + 1)), ValueError, "a sample for every rank"),
 ])
 def test_bad_configuration_is_an_error_naming_the_problem(tree, tmp_path, source, kw, error,
                                                           message):
@@ -279,11 +370,12 @@ def with_bad_file(small_tree: Path, tmp_path: Path, kind: str):
     return root, *add_bad_file(root, kind, class_dir="c01")
 
 
+@each_reader
 @pytest.mark.parametrize("kind", sorted(DECODABLE))
-def test_odd_but_valid_files_decode_to_the_right_colour(small_tree, tmp_path, kind):
+def test_odd_but_valid_files_decode_to_the_right_colour(small_tree, tmp_path, kind, reader):
     """CMYK, grayscale and PNG-under-.JPEG: the right RGB colour, the right label."""
     root, path, colour = with_bad_file(small_tree, tmp_path, kind)
-    val = loader(root, batch_size=4)
+    val = loader(root, batch_size=4, reader=reader)
     images = torch.cat([x for x, _ in val])
     labels = torch.cat([y for _, y in val])
     position = val.paths.index(str(path))  # first file of class 1 ("bad_" < "img")
@@ -291,13 +383,15 @@ def test_odd_but_valid_files_decode_to_the_right_colour(small_tree, tmp_path, ki
     assert np.abs(expected_rgb(images[position:position + 1])[0] - colour).max() < 6
 
 
+@each_reader
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("kind", sorted(set(BAD_FILE_WRITERS) - DECODABLE))
-def test_undecodable_file_raises_an_error_naming_it(small_tree, tmp_path, kind, train):
+def test_undecodable_file_raises_an_error_naming_it(small_tree, tmp_path, kind, train, reader):
     """Truncated, corrupt, empty and non-image files stop the epoch with an error that names
-    the file, in folder order or shuffled; iterating again fails the same way (never skips)."""
+    the file, in folder order (4th batch) or shuffled; iterating again fails the same way
+    (never skips). File mode finds undecodable files by replaying the reader's stream."""
     root, path, _ = with_bad_file(small_tree, tmp_path, kind)
-    bad = loader(root, train=train, batch_size=2, drop_last=False)
+    bad = loader(root, train=train, batch_size=2, drop_last=False, reader=reader)
     for _ in range(2):
         with pytest.raises(RuntimeError, match=re.escape(f"DALI cannot load image file {path}")):
             list(bad)
@@ -306,19 +400,22 @@ def test_undecodable_file_raises_an_error_naming_it(small_tree, tmp_path, kind, 
 UNREADABLE_CHILD = """
 import sys
 from pipelines import OutputSpec
-from pipelines.dali import DaliLoader
-try:
-    list(DaliLoader(sys.argv[1], train=False, batch_size=2, resolution=32,
-                    output=OutputSpec(device="cpu"), num_workers=1))
-except RuntimeError as e:
-    print(e)
-    sys.exit(3)
+from pipelines.dali import READERS, DaliLoader
+failed = 0
+for reader in READERS:
+    try:
+        list(DaliLoader(sys.argv[1], train=False, batch_size=2, resolution=32,
+                        output=OutputSpec(device="cpu"), num_workers=1, reader=reader))
+    except RuntimeError as e:
+        print(reader, e)
+        failed += 1
+sys.exit(3 if failed == len(READERS) else 1)
 """
 
 
 def test_unreadable_file_raises_an_error_naming_it(small_tree, tmp_path):
-    """chmod 000 file. Root reads it anyway, so as root the check runs in a child process
-    without the capabilities that bypass file permissions (setpriv)."""
+    """chmod 000 file, with either reader. Root reads it anyway, so as root the check runs in
+    a child process without the capabilities that bypass file permissions (setpriv)."""
     root, path, _ = with_bad_file(small_tree, tmp_path, "truncated")
     path.write_bytes((small_tree / "c00" / "img000.JPEG").read_bytes())
     make_unreadable(path)
@@ -330,8 +427,9 @@ def test_unreadable_file_raises_an_error_naming_it(small_tree, tmp_path):
         prefix = ["setpriv", "--bounding-set", drop, "--inh-caps", drop]
     child = subprocess.run([*prefix, sys.executable, "-c", UNREADABLE_CHILD, str(root)],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert child.returncode == 3, child.stderr[-2000:]
-    assert f"DALI cannot load image file {path}" in child.stdout
+    assert child.returncode == 3, child.stdout[-2000:] + child.stderr[-2000:]
+    for reader in READERS:
+        assert f"{reader} DALI cannot load image file {path}" in child.stdout
 
 
 # --- adaptor ----------------------------------------------------------------------------------
@@ -425,10 +523,11 @@ def test_adaptor_without_reader_or_size_has_no_length(tree):
 
 # --- GPU ---------------------------------------------------------------------------------------
 
+@each_reader
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (mixed decoder path)")
-def test_gpu_batches_arrive_on_the_device_aligned(tree, label_of):
+def test_gpu_batches_arrive_on_the_device_aligned(tree, label_of, reader):
     out = OutputSpec(device="cuda", dtype=torch.bfloat16, channels_last=True)
-    batches = run_epoch(loader(tree, train=True, output=out))
+    batches = run_epoch(loader(tree, train=True, output=out, reader=reader))
     assert all(x.is_cuda and y.is_cuda and x.dtype == torch.bfloat16 for x, y in batches)
     given, labels, indices = decoded([(x.cpu(), y.cpu()) for x, y in batches])
     assert (given == labels).all() and (label_of[indices] == labels).all()
