@@ -80,6 +80,9 @@ class DataConfig:
     workers: int | None = None
     demo_root: str = "data/demo"
     beton_dir: str = "data/ffcv"
+    dali_reader: Literal["feed", "file"] = "feed"
+    """DALI only: ``feed`` (exact, resumable epoch order) or ``file`` (DALI's
+    ``fn.readers.file``, NVIDIA's recipe; see ``pipelines/dali.py``)."""
     ffcv_max_resolution: int = 256
     ffcv_jpeg_quality: int = 90
     ffcv_compress_probability: float = 0.5
@@ -288,7 +291,15 @@ def parse_config(argv: list[str] | None = None) -> Config:
         for f in dataclasses.fields(getattr(cfg, section)):
             parser.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}",
                                 default=argparse.SUPPRESS, metavar="VALUE")
-    args = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+        key = flag[2:].split("=")[0]
+        if "." in key:
+            _set(cfg, key, None)  # raises: unknown section or field, with suggestions
+        options = ["--config", *ALIASES]
+        raise ConfigError(f"unrecognised argument {flag!r}" + _suggest(flag, options))
+    args = vars(known)
     preset = args.pop("config", None)
     if preset:
         path = Path(preset)
@@ -325,6 +336,9 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     need(0 <= cfg.mix.eta <= 1, "mix.eta", "must lie in [0, 1]")
     need(cfg.mix.warmup_epochs >= 0, "mix.warmup_epochs", "must be >= 0")
+    need(cfg.data.workers is None or cfg.data.workers >= (cfg.data.loader != "folder"),
+         "data.workers", "must be >= 1 for dali and ffcv (threads/processes), >= 0 for folder "
+         "(0: load in the main process)")
     need(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     need(cfg.run.keep_last >= 1, "run.keep_last", "must be >= 1")
     need(cfg.run.stop_after >= 0, "run.stop_after", "must be >= 0")
@@ -578,6 +592,8 @@ def build_data(cfg: Config, dist_: Dist, device: torch.device, dtype: torch.dtyp
     output = pipelines.OutputSpec(device=device, dtype=dtype, channels_last=cfg.model.channels_last)
     shard = pipelines.Shard(dist_.rank, ws)
     common = dict(output=output, shard=shard, seed=cfg.run.seed, num_workers=cfg.data.workers)
+    if cfg.data.loader == "dali":
+        common["reader"] = cfg.data.dali_reader
     train = pipelines.make_loader(cfg.data.loader, train_src, train=True,
                                   batch_size=cfg.data.batch_size // ws,
                                   resolution=per_rank_schedule(cfg.data.resolution, ws), **common)
@@ -677,7 +693,7 @@ def check_resumable(saved: dict[str, Any], cfg: Config, world_size: int, path: P
     """Refuse a checkpoint whose config differs in a field that changes the result."""
     old, new = result_fields(saved["config"]), result_fields(cfg.to_dict())
     old["world_size"], new["world_size"] = saved["world_size"], world_size
-    for key in sorted(old.keys() | new.keys()):
+    for key in [*old, *(k for k in new if k not in old)]:  # config order: mix.kind first
         if old.get(key) != new.get(key):
             raise ConfigError(
                 f"cannot resume from {path}: {key} was {old.get(key)!r} there but is "
@@ -758,7 +774,7 @@ def write_preview(path: Path, before: torch.Tensor, after: torch.Tensor, labels:
 
     def heat(ax, m: torch.Tensor | None) -> None:
         if m is not None:
-            ax.imshow(m.float().cpu().squeeze().numpy(), cmap="magma", vmin=0)
+            ax.imshow(m.float().cpu().reshape(m.shape[-2:]).numpy(), cmap="magma", vmin=0)
 
     mix, sal = out.mix, out.saliency
     name = (lambda k: classes[k]) if classes else str

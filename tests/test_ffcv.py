@@ -42,11 +42,6 @@ N = CLASSES * PER_CLASS
 CPU = OutputSpec(device="cpu")
 TEXTURED = 15  # images in the textured split, one class each
 
-# numba's finaliser noise when a dropped FFCV pipeline is collected mid-compilation (harmless,
-# see pipelines/ffcv.py); any other unraisable exception still shows.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
-
 
 def write(folder, path, **kw) -> Path:
     return write_beton(folder, path, **{"max_resolution": 64, "num_workers": 2, "progress": False, **kw})
