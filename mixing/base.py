@@ -13,9 +13,10 @@ checked against an independent implementation.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -107,6 +108,26 @@ def blend_(x: torch.Tensor, partner: torch.Tensor, share: torch.Tensor) -> torch
     return x.lerp_(partner, (1 - share).to(x.dtype))
 
 
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, threads: int = 1) -> Iterator[None]:
+    """Within the block, ops on the CPU use at most ``threads`` intra-op threads (the setting
+    is restored after); nothing changes for another device.
+
+    For a mixer's many small, cache-sized ops: each op parallelised by the CPU backend pays a
+    fork-join, which costs more than such an op saves, and on shared cores (other processes
+    running) each join waits for a descheduled thread: whole milliseconds per op.
+    """
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before <= threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``-sum_k t_k log softmax(logits)_k``, computed in float32."""
     if logits.shape != targets.shape:
@@ -175,3 +196,26 @@ class Mixer(abc.ABC):
 
     def _targets(self, labels: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return mix_targets(labels, perm, weight, self.num_classes, self.label_smoothing)
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """An uninitialised scratch tensor, on the CPU kept on the mixer between calls.
+
+        A fresh CPU tensor of batch size comes from the OS as untouched pages, and faulting
+        them in costs several times the pass that fills them (~1.3 ms per MB here); kept,
+        the next batch of the same shape reuses them. Other devices' allocators cache freed
+        memory themselves, so there it is a plain ``torch.empty``. A mixer holding scratch
+        tensors is not re-entrant (one call at a time); they are not pickled or copied.
+        """
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        buf = buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device \
+                or not buf.is_contiguous(memory_format=memory_format):
+            buffers[name] = None                      # free the old one first
+            buf = buffers[name] = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+        return buf
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_scratch_buffers"}

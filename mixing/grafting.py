@@ -18,6 +18,9 @@ module chooses, and the functions below document:
 * the label formula uses the same grid-level map S (not the softmax S');
 * guards: a flat map (e.g. all zero) makes every region eligible, counts as uniform saliency
   in Eq. 5, and a 0/0 in Eq. 5 falls back to the area share of the mask.
+
+On the CPU the mix runs on one intra-op thread (:func:`mixing.base.cpu_threads`: its ops on the
+grid are tiny) and gathers the partners into a scratch tensor kept between calls.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import (MixResult, Mixer, check_batch, check_perm, check_saliency, generator_device,
-                   random_beta, random_perm)
+from .base import (MixResult, Mixer, check_batch, check_perm, check_saliency, cpu_threads,
+                   generator_device, random_beta, random_perm)
 
 LabelMix = Literal["saliency", "area"]
 
@@ -160,25 +163,33 @@ class SaliencyGrafting(Mixer):
         (N, g, g) 0/1 region draws (these fix g and make ``p`` unused; with ``top_k`` neither
         ``p`` nor the draws are used)."""
         check_batch(x, labels, self.num_classes)
-        saliency = check_saliency(saliency, x)
-        n, _, h, w = x.shape
-        perm = random_perm(n, x.device, generator) if perm is None else check_perm(perm, n, x.device)
-        grid = self._grid(grid_size, bernoulli, h, w, generator)
-        saliency = region_saliency(saliency, grid)
-        if self.top_k is not None:
-            if self.top_k > grid * grid:
-                raise ValueError(f"top_k={self.top_k} exceeds the {grid}x{grid} regions of the grid")
-            regions = top_regions(saliency, self.top_k)
-        else:
-            draws = self._draws(bernoulli, p, (n, grid, grid), x.device, generator)
-            regions = salient_regions(saliency, self.temperature, self.threshold) & draws
-        mask = regions[:, None].float()
-        if self.label_mix == "area":
-            weight = mask.flatten(1).mean(dim=1)
-        else:
-            weight = calibrated_weight(saliency, mask, perm)
-        graft_(x, x[perm], mask)
+        with cpu_threads(x.device):
+            saliency = check_saliency(saliency, x)
+            n, _, h, w = x.shape
+            perm = random_perm(n, x.device, generator) if perm is None else check_perm(perm, n, x.device)
+            grid = self._grid(grid_size, bernoulli, h, w, generator)
+            saliency = region_saliency(saliency, grid)
+            if self.top_k is not None:
+                if self.top_k > grid * grid:
+                    raise ValueError(f"top_k={self.top_k} exceeds the {grid}x{grid} regions of the grid")
+                regions = top_regions(saliency, self.top_k)
+            else:
+                draws = self._draws(bernoulli, p, (n, grid, grid), x.device, generator)
+                regions = salient_regions(saliency, self.temperature, self.threshold) & draws
+            mask = regions[:, None].float()
+            if self.label_mix == "area":
+                weight = mask.flatten(1).mean(dim=1)
+            else:
+                weight = calibrated_weight(saliency, mask, perm)
+            graft_(x, self._partners(x, perm), mask)
         return MixResult(self._targets(labels, perm, weight), perm, weight, mask=mask)
+
+    def _partners(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """``x[perm]``, gathered into a scratch tensor of ``x``'s layout."""
+        layout = torch.channels_last if not x.is_contiguous() \
+            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = self._scratch("partner", tuple(x.shape), x.dtype, x.device, layout)
+        return torch.index_select(x, 0, perm, out=out)
 
     def _grid(self, grid_size: int | None, bernoulli: torch.Tensor | None, h: int, w: int,
               generator: torch.Generator | None) -> int:

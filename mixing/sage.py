@@ -31,6 +31,13 @@ Two deliberate differences, both invisible wherever the smoothed maps are positi
   wherever ``T(s1) = 0``. Out of the partner's frame its pixels therefore get weight exactly 0,
   so the image gather needs no zero fill (:func:`shifted_partner`).
 
+How it runs (none of this changes a value): on the CPU the whole mix uses one intra-op thread
+(:func:`mixing.base.cpu_threads`) and the full-resolution work goes over cache-sized chunks of
+the batch (:data:`CHUNK_BYTES`): smoothing, normalising and pooling each chunk's maps into a
+scratch buffer kept between calls, then, once the shifts are known and all partners gathered,
+each chunk's translated partner maps (one window gather), mask, blend and gamma. Only the
+gathered partners, the smoothed maps and the returned mask are batch-sized.
+
 For large images the search runs on the smoothed maps area-downsampled by an integer factor f
 (at most ``search_size`` pixels a side); candidates are shifts on that grid, applied times f at
 full resolution. Images up to ``full_res_search`` pixels are searched at full resolution.
@@ -48,7 +55,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import (MixResult, Mixer, blend_, check_batch, check_perm, check_saliency,
+from .base import (MixResult, Mixer, check_batch, check_perm, check_saliency, cpu_threads,
                    generator_device, random_perm)
 
 ZETA = 1e-16
@@ -130,22 +137,29 @@ def mass_in_frame(s: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return mass.to(s.dtype)
 
 
-def shifted_partner(x: torch.Tensor, perm: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def shifted_partner(x: torch.Tensor, perm: torch.Tensor, shift: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """``x[perm]`` (N, C, H, W) translated by ``shift`` (N, 2) in one gather: ``out[i, :, r, c]``
     is ``x[perm[i], :, r - dy, c - dx]`` where that lies in the frame, arbitrary elsewhere.
 
     A translated image of a dense (NCHW or channels-last) batch is the same memory read from a
     shifted start, so each partner is one window of ``x``'s storage and the gather runs at copy
     speed, twice as fast as a gather by pixel index on CPU. The windows of ``x[0]`` and
-    ``x[-1]`` can run past the storage; those two partners are gathered by index.
+    ``x[-1]`` can run past the storage; those two partners are gathered by index. ``out``
+    (optional) receives the result; it must have ``x``'s shape and layout.
     """
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        return _index_gather(x, perm, shift)
+        gathered = _index_gather(x, perm, shift)
+        return gathered if out is None else out.copy_(gathered)
     n, size = x.shape[0], x[0].numel()
     windows = x.as_strided((x.numel() - size + 1, *x.shape[1:]), (1, *x.stride()[1:]),
                            x.storage_offset())
     start = perm * x.stride(0) - shift[:, 0] * x.stride(2) - shift[:, 1] * x.stride(3)
-    out = windows[start.clamp_(0, (n - 1) * size)]
+    start = start.clamp_(0, (n - 1) * size)
+    if out is None:
+        out = windows[start]
+    else:
+        torch.index_select(windows, 0, start, out=out)
     ends = torch.argsort(perm)[[0, -1]]           # the images whose partner is x[0] or x[-1]
     out[ends] = _index_gather(x, perm[ends], shift[ends])
     return out
@@ -171,12 +185,17 @@ def zero_out_of_frame_(z: torch.Tensor, shift: torch.Tensor, scale: float = 1.0)
     return z.mul_(((cols >= 0) & (cols < w)).to(z.dtype)[:, None, None, :])
 
 
-def mixing_mask_(s0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+def mixing_mask_(s0: torch.Tensor, t1: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 2, ``M = s0 / (s0 + t1)``, computed as ``1 - t1 / clamp(s0 + t1, ZETA)``: exactly 1
-    wherever ``t1 = 0``. Overwrites both inputs; returns M in ``t1``'s storage."""
+    wherever ``t1 = 0``. Overwrites ``s0``; returns M in ``out``, by default ``t1``'s storage."""
     den = s0.add_(t1).clamp_(min=ZETA)
     one = torch.ones((), dtype=t1.dtype, device=t1.device)
-    return torch.addcdiv(one, t1, den, value=-1.0, out=t1)      # 1 - t1 / den in one pass
+    return torch.addcdiv(one, t1, den, value=-1.0, out=t1 if out is None else out)  # 1 pass
+
+
+CHUNK_BYTES = 2 << 20
+"""On the CPU, the full-resolution work runs over chunks of the batch whose maps take about
+this many bytes, so each chunk's temporaries stay in cache between the passes over them."""
 
 
 class SAGE(Mixer):
@@ -233,22 +252,20 @@ class SAGE(Mixer):
         if min(h, w) <= self.kernel_size // 2:
             raise ValueError(f"images of {h} x {w} px are too small for the {self.kernel_size} x "
                              f"{self.kernel_size} smoothing kernel (reflect padding)")
-        s = check_saliency(saliency, x)
-        if s.shape[-2:] != (h, w):
-            s = F.interpolate(s[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        s = normalize_(smooth(s, self.kernel_size, self.sigma))
-        perm = random_perm(n, x.device, generator) if perm is None else check_perm(perm, n, x.device)
-        lam = self._lam(lam, generator)
-        w0, w1 = max(lam, MIN_SCALE), max(1.0 - lam, MIN_SCALE)
-
-        shift = self._search(s, w0, w1, perm, shifts, generator)
-        s = s[:, None]
-        t1 = zero_out_of_frame_(shifted_partner(s, perm, shift), shift, scale=w1)
-        mask = mixing_mask_(s.mul_(w0), t1)
-        if not self.soft_mask:
-            mask = (mask > 0.5).float()
-        blend_(x, shifted_partner(x, perm, shift), mask)
-        gamma = mask.mean(dim=(1, 2, 3))
+        with cpu_threads(x.device):
+            s = check_saliency(saliency, x)
+            if s.shape[-2:] != (h, w):
+                s = F.interpolate(s[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            perm = random_perm(n, x.device, generator) if perm is None else check_perm(perm, n, x.device)
+            lam = self._lam(lam, generator)
+            w0, w1 = max(lam, MIN_SCALE), max(1.0 - lam, MIN_SCALE)
+            if not self.rearrange and shifts is not None:
+                raise ValueError("shifts were given, but rearrange=False (SAGE w/o OR) searches none")
+            factor = self.search_factor(h, w) if self.rearrange else 0
+            chunk = self._chunk(s)
+            padded, grid = self._smoothed_maps(s, factor, chunk)
+            shift = self._search(grid, factor, w0, w1, perm, shifts, generator)
+            mask, gamma = self._mask_and_blend(x, padded, perm, shift, w0, w1, chunk)
         return MixResult(self._targets(labels, perm, gamma), perm, gamma, mask, shift)
 
     def search_factor(self, h: int, w: int) -> int:
@@ -265,23 +282,86 @@ class SAGE(Mixer):
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
         return lam
 
-    def _search(self, s: torch.Tensor, w0: float, w1: float, perm: torch.Tensor,
+    def _chunk(self, s: torch.Tensor) -> int:
+        """How many maps (N, H, W) one chunk of the full-resolution work takes."""
+        n, h, w = s.shape
+        return max(1, min(n, CHUNK_BYTES // (4 * h * w))) if s.device.type == "cpu" else n
+
+    def _smoothed_maps(self, s: torch.Tensor, factor: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Smoothed, normalised maps of (N, H, W) ``s``, and the search grid (None if ``factor``
+        is 0, no search).
+
+        The maps are returned inside a zero margin of one map on each side, (N + 2, H, W), so
+        that every translated window of them lies in the storage (:meth:`_mask_and_blend`).
+        """
+        n, h, w = s.shape
+        padded = self._scratch("maps", (n + 2, h, w), torch.float32, s.device)
+        padded[0].zero_()
+        padded[-1].zero_()
+        maps = padded[1:-1]
+        grid = maps if factor == 1 else s.new_empty(n, h // factor, w // factor) if factor else None
+        for lo in range(0, n, chunk):
+            part = normalize_(smooth(s[lo:lo + chunk], self.kernel_size, self.sigma))
+            maps[lo:lo + chunk] = part
+            if factor > 1:
+                grid[lo:lo + chunk] = F.avg_pool2d(part[:, None], factor)[:, 0]
+        return padded, grid
+
+    def _search(self, grid: torch.Tensor | None, factor: int, w0: float, w1: float, perm: torch.Tensor,
                 shifts: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         """The best shift of each pair, (N, 2) int64 in pixels at full resolution."""
-        n, h, w = s.shape
-        if not self.rearrange:
-            if shifts is not None:
-                raise ValueError("shifts were given, but rearrange=False (SAGE w/o OR) searches none")
-            return torch.zeros(n, 2, dtype=torch.int64, device=s.device)
-        f = self.search_factor(h, w)
-        grid = F.avg_pool2d(s[:, None], f)[:, 0] if f > 1 else s
+        n = perm.shape[0]
+        if grid is None:
+            return torch.zeros(n, 2, dtype=torch.int64, device=perm.device)
         gh, gw = grid.shape[-2:]
         if shifts is None:
-            shifts = random_shifts(gh, gw, self.search_fraction, generator, s.device)
+            shifts = random_shifts(gh, gw, self.search_fraction, generator, grid.device)
         else:
-            shifts = _check_shifts(shifts, gh, gw, s.device)
+            shifts = _check_shifts(shifts, gh, gw, grid.device)
         scores = rearrangement_scores(grid * w0, grid[perm] * w1, shifts)
-        return shifts[scores.argmax(dim=1)] * f
+        return shifts[scores.argmax(dim=1)] * factor
+
+    def _mask_and_blend(self, x: torch.Tensor, padded: torch.Tensor, perm: torch.Tensor,
+                        shift: torch.Tensor, w0: float, w1: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 2 and 3 at full resolution: the mask M (N, 1, H, W) float32 and gamma (N,), with
+        ``x`` blended in place, chunk by chunk of the batch.
+
+        The partners are gathered whole first (a chunk's partners may lie in chunks already
+        blended). Each chunk's translated partner maps are one window gather from the padded
+        maps (out of frame it reads margin or neighbouring maps, which the frame zeroing
+        multiplies by 0), then M, the blend weight ``1 - M`` and gamma stay in cache. For a
+        channels-last batch the weight is first copied out across the channels: a per-pixel
+        weight broadcast over 3 innermost channel values runs ~4x slower than a dense one.
+        """
+        n, c, h, w = x.shape
+        lanes = c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if lanes else torch.contiguous_format
+        partner = shifted_partner(x, perm, shift, out=self._scratch("partner", tuple(x.shape), x.dtype,
+                                                                      x.device, layout))
+        maps = padded[1:-1]
+        size = h * w
+        windows = padded.as_strided(((n + 1) * size + 1, h, w), (1, w, 1), padded.storage_offset())
+        start = (perm + 1) * size - shift[:, 0] * w - shift[:, 1]
+        mask = torch.empty(n, 1, h, w, dtype=torch.float32, device=x.device)
+        gamma = torch.empty(n, dtype=torch.float32, device=x.device)
+        t1 = torch.empty(min(chunk, n), 1, h, w, dtype=torch.float32, device=x.device)
+        s0 = torch.empty_like(t1)
+        spread = torch.empty(min(chunk, n), h, w, c, dtype=x.dtype, device=x.device) if lanes else None
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            part_t1, part_s0, m = t1[:hi - lo], s0[:hi - lo], mask[lo:hi]
+            torch.index_select(windows, 0, start[lo:hi], out=part_t1[:, 0])
+            zero_out_of_frame_(part_t1, shift[lo:hi], scale=w1)
+            torch.mul(maps[lo:hi, None], w0, out=part_s0)
+            mixing_mask_(part_s0, part_t1, out=m)
+            if not self.soft_mask:
+                m.copy_(m > 0.5)
+            away = torch.sub(1, m, out=part_t1)              # the partner's weight, 1 - M
+            if lanes:
+                away = spread[:hi - lo].copy_(away[:, 0, :, :, None].expand(-1, -1, -1, c)).permute(0, 3, 1, 2)
+            x[lo:hi].lerp_(partner[lo:hi], away.to(x.dtype))
+            torch.mean(m, dim=(1, 2, 3), out=gamma[lo:hi])
+        return mask, gamma
 
 
 def _check_shifts(shifts: torch.Tensor, h: int, w: int, device: torch.device) -> torch.Tensor:

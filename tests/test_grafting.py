@@ -193,6 +193,22 @@ def test_fixed_generator_reproduces_the_run():
     assert not (torch.equal(x1, x3) and torch.equal(r1.perm, r3.perm))
 
 
+def test_repeated_mixes_reuse_the_scratch_without_aliasing():
+    """Mixing again with the same mixer (the partners' scratch reused, then resized for a new
+    shape and layout) matches the reference each time; the thread setting is restored."""
+    threads = torch.get_num_threads()
+    mixer = SaliencyGrafting(K)
+    for size, channels_last, dtype in ((32, True, torch.float32), (32, True, torch.float32),
+                                       (24, False, torch.float16), (32, True, torch.bfloat16)):
+        x, labels, saliency = batch(size=size, dtype=dtype, channels_last=channels_last, seed=size)
+        perm, draws = explicit_draws(len(x), 4)
+        want_x, want_w, _, _ = ref_graft(x, labels, saliency, perm, 4, draws)
+        res = mixer.mix(x, labels, saliency, perm=perm, bernoulli=draws)
+        assert torch.equal(x, want_x)
+        np.testing.assert_allclose(res.weight.numpy(), want_w, rtol=1e-5, atol=1e-6)
+    assert torch.get_num_threads() == threads
+
+
 def test_full_mask_gives_weight_one_and_empty_mask_weight_zero():
     """M all ones: the image is unchanged and its label weight is 1; M empty: the image is
     its partner and the weight is 0."""

@@ -393,6 +393,60 @@ def test_extreme_lambda_keeps_both_maps_alive(lam):
     np.testing.assert_allclose(out.numpy(), (x if lam else x[[1, 0, 3, 2]]).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_maps", [1, 3])
+@pytest.mark.parametrize("channels_last, dtype, atol", [(False, torch.float32, 1e-5),
+                                                        (True, torch.float32, 1e-5),
+                                                        (True, torch.float16, 2e-3)])
+def test_chunked_work_matches_the_reference(monkeypatch, chunk_maps, channels_last, dtype, atol):
+    """With the full-resolution work split into chunks of 1 or 3 maps (partners in other
+    chunks, a last partial chunk) and channels-last batches (the weight spread over channels),
+    the mix still equals Algorithm 1; a second call reuses the scratch and equals it too."""
+    import mixing.sage as sage
+    size = 16
+    monkeypatch.setattr(sage, "CHUNK_BYTES", chunk_maps * 4 * size * size)
+    x, labels, sal = batch(n=7, h=size, w=size, dtype=dtype, seed=9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    perm, lam = torch.tensor([6, 0, 5, 1, 4, 2, 3]), 0.3
+    shifts = random_shifts(size, size, 0.2, torch.Generator().manual_seed(5))
+    ref = ref_sage(x.float(), labels, sal, perm, lam, shifts, 5)
+    mixer = SAGE(5)
+    assert mixer._chunk(sal) == chunk_maps
+    for _ in range(2):
+        out = x.clone()
+        res = mixer.mix(out, labels, sal, perm=perm, lam=lam, shifts=shifts)
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        np.testing.assert_array_equal(res.shift.numpy(), ref[2])
+        np.testing.assert_allclose(res.mask.numpy(), ref[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.double().numpy(), ref[0], rtol=1e-5, atol=atol)
+        np.testing.assert_allclose(res.weight.numpy(), ref[3], rtol=1e-5)
+
+
+def test_results_do_not_share_the_scratch_and_threads_are_restored():
+    """A result's mask is its own tensor (the next mix does not change it), the scratch is
+    resized for a new batch shape, the thread setting is what it was, and a pickled or
+    copied mixer carries no scratch."""
+    import copy
+    import pickle
+    threads = torch.get_num_threads()
+    mixer = SAGE(5)
+    x, labels, sal = batch(n=6, h=20, w=20)
+    first = mixer.mix(x.clone(), labels, sal, generator=torch.Generator().manual_seed(0))
+    kept = first.mask.clone()
+    mixer.mix(x.clone(), labels, sal, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first.mask, kept)
+    x2, labels2, sal2 = batch(n=4, h=12, w=12)
+    out = x2.clone()
+    res = mixer.mix(out, labels2, sal2, perm=torch.tensor([1, 2, 3, 0]), lam=0.4,
+                    shifts=torch.tensor([[1, 2], [-3, 0]]))
+    ref = ref_sage(x2, labels2, sal2, torch.tensor([1, 2, 3, 0]), 0.4, torch.tensor([[1, 2], [-3, 0]]), 5)
+    np.testing.assert_allclose(out.numpy(), ref[0], rtol=1e-5, atol=1e-5)
+    assert res.mask.shape == (4, 1, 12, 12)
+    assert torch.get_num_threads() == threads
+    for clone in (pickle.loads(pickle.dumps(mixer)), copy.deepcopy(mixer)):
+        assert "_scratch_buffers" not in clone.__dict__ and clone.u == mixer.u
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     """On a GPU the same explicit draws give the CPU's result (the path is picked by device)."""
