@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "apt: installing$$(echo ' '$$missing)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; } \
+	    > /tmp/salmix-apt.log 2>&1 || { tail -20 /tmp/salmix-apt.log; exit 1; }; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch and numpy first: FFCV's setup.py builds against them.

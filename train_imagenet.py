@@ -802,6 +802,16 @@ def write_preview(path: Path, before: torch.Tensor, after: torch.Tensor, labels:
     plt.close(fig)
 
 
+def epoch_line(stats: dict[str, Any], epochs: int) -> str:
+    """One readable line per epoch (the JSON line in log.jsonl has every figure)."""
+    line = (f"epoch {stats['epoch'] + 1}/{epochs}: train loss {stats['train_loss']:.3f}, "
+            f"{stats['resolution']} px, mix {stats['mixing']}, "
+            f"{stats['images_per_second']:.0f} img/s, {stats['epoch_seconds']:.0f} s")
+    if "val_top1" in stats:
+        line += f"; val top-1 {100 * stats['val_top1']:.1f}%, top-5 {100 * stats['val_top5']:.1f}%"
+    return line
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
@@ -869,6 +879,7 @@ class Trainer:
             self.best_top1 = max(self.best_top1, stats.get("val_top1", -1.0))
             self.save(epoch, is_best)
             history.append(stats)
+            self.log(epoch_line(stats, cfg.optim.epochs))
             if self.dist.main:
                 with open(self.run_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(stats) + "\n")
