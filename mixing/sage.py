@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (MixResult, Mixer, check_batch, check_perm, check_saliency, cpu_threads,
-                   generator_device, random_perm)
+                   generator_device, new_empty, random_perm)
 
 ZETA = 1e-16
 """Clamp on the mask's denominator (the authors' value)."""
@@ -90,7 +90,8 @@ def normalize_(saliency: torch.Tensor) -> torch.Tensor:
     total = saliency.sum(dim=(1, 2), keepdim=True)
     empty = total == 0
     saliency.div_(total.masked_fill_(empty, 1.0))
-    saliency[empty.flatten()] = 1.0 / saliency[0].numel()
+    if empty.any():              # a boolean index costs a pass even when it selects nothing
+        saliency[empty.flatten()] = 1.0 / saliency[0].numel()
     return saliency
 
 
@@ -342,7 +343,7 @@ class SAGE(Mixer):
         size = h * w
         windows = padded.as_strided(((n + 1) * size + 1, h, w), (1, w, 1), padded.storage_offset())
         start = (perm + 1) * size - shift[:, 0] * w - shift[:, 1]
-        mask = torch.empty(n, 1, h, w, dtype=torch.float32, device=x.device)
+        mask = new_empty((n, 1, h, w), torch.float32, x.device)
         gamma = torch.empty(n, dtype=torch.float32, device=x.device)
         t1 = torch.empty(min(chunk, n), 1, h, w, dtype=torch.float32, device=x.device)
         s0 = torch.empty_like(t1)
