@@ -162,8 +162,8 @@ class SaliencyGrafting(Mixer):
         """Graft in place. Explicit draws: ``perm``, ``grid_size``, ``p`` and ``bernoulli``
         (N, g, g) 0/1 region draws (these fix g and make ``p`` unused; with ``top_k`` neither
         ``p`` nor the draws are used)."""
-        check_batch(x, labels, self.num_classes)
-        with cpu_threads(x.device):
+        with cpu_threads(x.device):                     # ops on the grid: tiny
+            check_batch(x, labels, self.num_classes)
             saliency = check_saliency(saliency, x)
             n, _, h, w = x.shape
             perm = random_perm(n, x.device, generator) if perm is None else check_perm(perm, n, x.device)
@@ -181,8 +181,9 @@ class SaliencyGrafting(Mixer):
                 weight = mask.flatten(1).mean(dim=1)
             else:
                 weight = calibrated_weight(saliency, mask, perm)
-            graft_(x, self._partners(x, perm), mask)
-        return MixResult(self._targets(labels, perm, weight), perm, weight, mask=mask)
+            targets = self._targets(labels, perm, weight)
+        graft_(x, self._partners(x, perm), mask)            # two batch-sized passes: all threads
+        return MixResult(targets, perm, weight, mask=mask)
 
     def _partners(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """``x[perm]``, gathered into a scratch tensor of ``x``'s layout."""
