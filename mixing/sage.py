@@ -122,18 +122,20 @@ def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tenso
     inv0, inv1 = _pixels_outer(s0).reciprocal_(), _pixels_outer(s1).reciprocal_()
     harmonic = s0.new_empty(len(shifts), n)
     work = s0.new_empty(s0.numel())
-    for k, (dy, dx) in enumerate(shifts.tolist()):
-        a = inv0[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
-        b = inv1[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-        pair = torch.add(a, b, out=work[:a.numel()].view(a.shape)).reciprocal_()
-        torch.sum(pair, dim=(0, 1), out=harmonic[k])
+    row = w * n                                  # one view per operand: fewer calls per candidate
+    for out, (dy, dx) in zip(harmonic.unbind(0), shifts.tolist()):
+        rows, run = h - abs(dy), (w - abs(dx)) * n
+        a = inv0.as_strided((rows, run), (row, 1), max(dy, 0) * row + max(dx, 0) * n)
+        b = inv1.as_strided((rows, run), (row, 1), max(-dy, 0) * row + max(-dx, 0) * n)
+        pair = torch.add(a, b, out=work.as_strided((rows, run), (run, 1))).reciprocal_()
+        torch.sum(pair.view(-1, n), dim=0, out=out)
     return s0.sum(dim=(1, 2))[:, None] + mass_in_frame(s1, shifts) - 2 * harmonic.T
 
 
 def _pixels_outer(s: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) -> a contiguous (h, w, N) copy (one blocked 2-D transpose)."""
+    """(N, h, w) -> a new contiguous (h, w, N) tensor (a blocked 2-D transpose), storage offset 0."""
     n, h, w = s.shape
-    return s.reshape(n, h * w).t().contiguous().view(h, w, n)
+    return s.new_empty(h, w, n).copy_(s.reshape(n, h * w).t().view(h, w, n))
 
 
 def mass_in_frame(s: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:

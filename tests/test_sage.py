@@ -188,6 +188,19 @@ def test_rearrangement_scores_are_eq4():
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6)
 
 
+def test_rearrangement_scores_leave_their_inputs_untouched():
+    """The scores work on copies (laid out (h, w, N)), also for a single map, where that
+    layout is the input's own."""
+    for n in (1, 3):
+        s0, s1 = torch.rand(n, 5, 7), torch.rand(n, 5, 7)
+        before = s0.clone(), s1.clone()
+        out = rearrangement_scores(s0, s1, torch.tensor([[0, 0], [2, -3], [-4, 6]]))
+        assert torch.equal(s0, before[0]) and torch.equal(s1, before[1])
+        ref = [[ref_score(a, b, dy, dx) for dy, dx in ((0, 0), (2, -3), (-4, 6))]
+               for a, b in zip(before[0].double().numpy(), before[1].double().numpy())]
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6)
+
+
 def test_mixing_mask_is_eq2_and_one_where_the_partner_has_no_saliency():
     """M = s0 / (s0 + t1); where t1 = 0 (out of the partner's frame) M is exactly 1, also
     where s0 = 0 too (the documented 0/0 convention)."""
