@@ -85,14 +85,16 @@ def smooth(saliency: torch.Tensor, kernel_size: int = 5, sigma: float = 1.0) -> 
     return F.conv2d(padded, weight, groups=n)[0]
 
 
-def normalize_(saliency: torch.Tensor) -> torch.Tensor:
-    """In place: scale each map of (N, H, W) to sum 1; an all-zero map becomes uniform."""
+def normalize_(saliency: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale each map of (N, H, W) to sum 1 (in place, or into ``out``); an all-zero map
+    becomes uniform."""
+    out = saliency if out is None else out
     total = saliency.sum(dim=(1, 2), keepdim=True)
     empty = total == 0
-    saliency.div_(total.masked_fill_(empty, 1.0))
+    torch.div(saliency, total.masked_fill_(empty, 1.0), out=out)
     if empty.any():              # a boolean index costs a pass even when it selects nothing
-        saliency[empty.flatten()] = 1.0 / saliency[0].numel()
-    return saliency
+        out[empty.flatten()] = 1.0 / saliency[0].numel()
+    return out
 
 
 def random_shifts(h: int, w: int, fraction: float, generator: torch.Generator | None = None,
@@ -318,8 +320,7 @@ class SAGE(Mixer):
         maps = padded[1:-1]
         grid = maps if factor == 1 else s.new_empty(n, h // factor, w // factor) if factor else None
         for lo in range(0, n, chunk):
-            part = normalize_(smooth(s[lo:lo + chunk], self.kernel_size, self.sigma))
-            maps[lo:lo + chunk] = part
+            part = normalize_(smooth(s[lo:lo + chunk], self.kernel_size, self.sigma), out=maps[lo:lo + chunk])
             if factor > 1:
                 grid[lo:lo + chunk] = F.avg_pool2d(part[:, None], factor)[:, 0]
         return padded, grid
