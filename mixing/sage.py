@@ -137,7 +137,7 @@ def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tenso
 def _pixels_outer(s: torch.Tensor) -> torch.Tensor:
     """(N, h, w) -> a new contiguous (h, w, N) tensor (a blocked 2-D transpose), storage offset 0."""
     n, h, w = s.shape
-    return s.new_empty(h, w, n).copy_(s.reshape(n, h * w).t().view(h, w, n))
+    return s.new_empty(h * w, n).copy_(s.reshape(n, h * w).t()).view(h, w, n)  # 2-D: the blocked copy
 
 
 def mass_in_frame(s: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -362,9 +362,10 @@ class SAGE(Mixer):
         start = (perm + 1) * size - shift[:, 0] * w - shift[:, 1]
         mask = new_empty((n, 1, h, w), torch.float32, x.device)
         gamma = torch.empty(n, dtype=torch.float32, device=x.device)
-        t1 = torch.empty(min(chunk, n), 1, h, w, dtype=torch.float32, device=x.device)
-        s0 = torch.empty_like(t1)
-        spread = torch.empty(min(chunk, n), h, w, c, dtype=x.dtype, device=x.device) if lanes else None
+        b = min(chunk, n)
+        t1 = self._scratch("chunk_t1", (b, 1, h, w), torch.float32, x.device)
+        s0 = self._scratch("chunk_s0", (b, 1, h, w), torch.float32, x.device)
+        spread = self._scratch("chunk_spread", (b, h, w, c), x.dtype, x.device) if lanes else None
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             part_t1, part_s0, m = t1[:hi - lo], s0[:hi - lo], mask[lo:hi]
