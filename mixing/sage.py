@@ -51,6 +51,7 @@ of pairs, and scores on average 0.99999 (worst 0.9977) of that best. The 56 px g
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,13 @@ def random_shifts(h: int, w: int, fraction: float, generator: torch.Generator | 
     return torch.stack((index // nx - (h - 1), index % nx - (w - 1)), dim=1)
 
 
-def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+Scratch = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+"""``scratch(name, shape, dtype)``: an uninitialised tensor for a temporary of the search (the
+mixer passes one that keeps them between calls)."""
+
+
+def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tensor,
+                         scratch: Scratch | None = None) -> torch.Tensor:
     """Eq. 4, the total saliency of the mix of every pair ``(s0[i], s1[i])`` (N, h, w) for every
     candidate shift (K, 2) of ``s1``: (N, K).
 
@@ -121,30 +128,37 @@ def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tenso
     (N, h, w) rows of only ``ow``, and the add over them runs ~1.5x slower).
     """
     n, h, w = s0.shape
-    inv0, inv1 = _pixels_outer(s0).reciprocal_(), _pixels_outer(s1).reciprocal_()
+    scratch = scratch or (lambda name, shape, dtype: s0.new_empty(shape, dtype=dtype))
+    inv0 = _pixels_outer(s0, scratch("inv0", (h * w, n), s0.dtype)).reciprocal_()
+    inv1 = _pixels_outer(s1, scratch("inv1", (h * w, n), s0.dtype)).reciprocal_()
     harmonic = s0.new_empty(len(shifts), n)
-    work = s0.new_empty(s0.numel())
+    work = scratch("work", (s0.numel(),), s0.dtype)
     row = w * n                                  # one view per operand: fewer calls per candidate
     for out, (dy, dx) in zip(harmonic.unbind(0), shifts.tolist()):
         rows, run = h - abs(dy), (w - abs(dx)) * n
-        a = inv0.as_strided((rows, run), (row, 1), max(dy, 0) * row + max(dx, 0) * n)
-        b = inv1.as_strided((rows, run), (row, 1), max(-dy, 0) * row + max(-dx, 0) * n)
+        a = inv0.as_strided((rows, run), (row, 1), inv0.storage_offset() + max(dy, 0) * row + max(dx, 0) * n)
+        b = inv1.as_strided((rows, run), (row, 1), inv1.storage_offset() + max(-dy, 0) * row + max(-dx, 0) * n)
         pair = torch.add(a, b, out=work.as_strided((rows, run), (run, 1))).reciprocal_()
         torch.sum(pair.view(-1, n), dim=0, out=out)
-    return s0.sum(dim=(1, 2))[:, None] + mass_in_frame(s1, shifts) - 2 * harmonic.T
+    return s0.sum(dim=(1, 2))[:, None] + mass_in_frame(s1, shifts, scratch) - 2 * harmonic.T
 
 
-def _pixels_outer(s: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) -> a new contiguous (h, w, N) tensor (a blocked 2-D transpose), storage offset 0."""
+def _pixels_outer(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) -> its copy laid out (h, w, N), in ``out`` (h * w, N) (a blocked 2-D transpose)."""
     n, h, w = s.shape
-    return s.new_empty(h * w, n).copy_(s.reshape(n, h * w).t()).view(h, w, n)  # 2-D: the blocked copy
+    return out.copy_(s.reshape(n, h * w).t()).view(h, w, n)  # into 2-D: ATen's blocked transpose
 
 
-def mass_in_frame(s: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+def mass_in_frame(s: torch.Tensor, shifts: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
     """``sum(T(s[i], shift))`` for every map (N, h, w) and shift (K, 2): (N, K), from an integral
     image (float64: no cancellation)."""
     n, h, w = s.shape
-    integral = s.new_zeros((n, h + 1, w + 1), dtype=torch.float64)
+    if scratch is None:
+        integral = s.new_empty((n, h + 1, w + 1), dtype=torch.float64)
+    else:
+        integral = scratch("integral", (n, h + 1, w + 1), torch.float64)
+    integral[:, 0].zero_()
+    integral[:, 1:, 0].zero_()
     inner = integral[:, 1:, 1:]
     inner.copy_(s).cumsum_(2).cumsum_(1)                    # rows first: the contiguous scan
     dy, dx = shifts[:, 0], shifts[:, 1]
@@ -336,7 +350,11 @@ class SAGE(Mixer):
             shifts = random_shifts(gh, gw, self.search_fraction, generator, grid.device)
         else:
             shifts = _check_shifts(shifts, gh, gw, grid.device)
-        scores = rearrangement_scores(grid * w0, grid[perm] * w1, shifts)
+        def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return self._scratch(f"search_{name}", shape, dtype, grid.device)
+        s0 = torch.mul(grid, w0, out=scratch("s0", tuple(grid.shape), grid.dtype))
+        s1 = torch.index_select(grid, 0, perm, out=scratch("s1", tuple(grid.shape), grid.dtype)).mul_(w1)
+        scores = rearrangement_scores(s0, s1, shifts, scratch)
         return shifts[scores.argmax(dim=1)] * factor
 
     def _mask_and_blend(self, x: torch.Tensor, padded: torch.Tensor, perm: torch.Tensor,
