@@ -19,8 +19,9 @@ module chooses, and the functions below document:
 * guards: a flat map (e.g. all zero) makes every region eligible, counts as uniform saliency
   in Eq. 5, and a 0/0 in Eq. 5 falls back to the area share of the mask.
 
-On the CPU the mix runs on one intra-op thread (:func:`mixing.base.cpu_threads`: its ops on the
-grid are tiny) and gathers the partners into a scratch tensor kept between calls.
+On the CPU the work on the grid (tiny ops) runs on one intra-op thread
+(:func:`mixing.base.cpu_threads`); the two batch-sized passes, gathering the partners into a
+scratch tensor kept between calls and the graft, use all threads, as the benchmark's floor does.
 """
 from __future__ import annotations
 
