@@ -170,8 +170,13 @@ def test_resume_refuses_a_config_that_changes_the_result(demo, straight_run):
 
 
 def test_a_finished_run_is_not_overwritten_without_resume(demo, straight_run):
+    """Refused before anything is written: checkpoints and the saved config stay as they were."""
+    folder = straight_run / "run"
+    before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     with pytest.raises(ti.ConfigError, match="already holds checkpoints"):
-        run(demo, straight_run, "--mix", "grafting", "--run.deterministic", "true")
+        run(demo, straight_run, "--mix", "grafting", "--run.deterministic", "true",
+            "--optim.lr", "0.07")
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo, tmp_path):
