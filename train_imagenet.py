@@ -859,11 +859,12 @@ class Trainer:
     # -- run ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.log("config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        self.log("config:\n" + config_yaml.rstrip())
         self.maybe_resume()  # first: a refused run leaves the folder's config.yaml as it was
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.run_dir / "config.yaml").write_text(config_yaml)
         if cfg.run.profile:
             return self.profile(cfg.run.profile)
         history = []
