@@ -24,9 +24,11 @@ schedule (salmix: a ``Phases`` schedule; raw DALI: one pipeline per resolution).
 resolution, each loader runs one warm-up epoch (FFCV's numba JIT, DALI's allocations), then
 ``--repeats`` epochs, interleaved (each salmix loader next to its raw library, the order
 reversed every round) so that drift in machine load hits all alike; the figure is the median. An epoch is timed from ``iter()`` until the
-process is idle again after its last batch (CPU time of all its threads stops growing): work a
-loader leaves running in the background (DALI's reader prefetches the next epoch's batches)
-is charged to it, not to the loader timed next. The default set is a whole number of batches
+process and its worker processes are idle again after its last batch (their CPU time stops
+growing): work a loader leaves running in the background (DALI's reader and the folder
+loader's workers decode the next epoch's first batches) is charged to it, not to the loader
+timed next, and the next epoch of the same loader starts with those batches ready, so in a
+steady run each timed window holds one epoch's decoding. The default set is a whole number of batches
 (2048 = 8 x 256), so no backend decodes a partial batch that ``drop_last`` then drops.
 Also reported per epoch: images per CPU-second (process and its DataLoader workers) and the
 cores kept busy. On a machine shared with other jobs the wall-clock figures drop with the
@@ -69,6 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # benchmarks/mixing.py must not shadow the mixing package
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, features  # noqa: E402
 
@@ -270,16 +273,19 @@ class RawFfcv:
 
 # --- timing -----------------------------------------------------------------------------------
 
-def idle_since(poll: float = 0.005, quiet: float = 0.05, busy: float = 0.25) -> float:
-    """The ``perf_counter`` time since which this process (all its threads) has been idle.
+def idle_since(poll: float = 0.01, quiet: float = 0.05, busy: float = 0.25) -> float:
+    """The ``perf_counter`` time since which this process (all its threads) and its worker
+    processes have been idle.
 
-    Polls CPU time: the process is busy in an interval where it used more than ``busy`` of a
-    core; returns once it has been idle for ``quiet`` seconds."""
+    Polls CPU time: the process tree is busy in an interval where it used more than ``busy`` of
+    a core; returns once it has been idle for ``quiet`` seconds. Loaders that keep decoding
+    after an epoch's last batch (the next epoch's first batches) are thus timed until they
+    stop, and the next loader's epoch starts on an idle machine."""
     since = last = time.perf_counter()
-    cpu = time.process_time()
+    cpu = _cpu_seconds()
     while True:
         time.sleep(poll)
-        now, used = time.perf_counter(), time.process_time()
+        now, used = time.perf_counter(), _cpu_seconds()
         if used - cpu > busy * (now - last):
             since = now
         elif now - since >= quiet:
@@ -304,10 +310,12 @@ def timeline(loader, epochs: Iterable[int], sync: Callable[[], None]) -> list[li
 
 
 def timed_epoch(loader, epoch: int, batch: int, sync: Callable[[], None]) -> dict:
-    """One epoch: images delivered, seconds from ``iter()`` until the process is idle again,
-    the tail (last batch to idle: work left running in the background) and the cores it kept
-    busy (CPU time of the process and its reaped workers over wall time: below ``workers``
-    when the loader idles or other processes take the CPUs)."""
+    """One epoch: images delivered, seconds from ``iter()`` until the process and its workers are
+    idle again, the tail (last batch to idle: work left running in the background, such as the
+    next epoch's first batches, which the next timed epoch then finds ready: in a steady run
+    each window holds one epoch's decoding) and the cores it kept busy (CPU time of the
+    process and its workers over wall time: below ``workers`` when the loader idles or other
+    processes take the CPUs)."""
     idle_since()
     start, cpu = time.perf_counter(), _cpu_seconds()
     (gaps,) = timeline(loader, [epoch], sync)
@@ -318,8 +326,16 @@ def timed_epoch(loader, epoch: int, batch: int, sync: Callable[[], None]) -> dic
 
 
 def _cpu_seconds() -> float:
+    """CPU seconds of this process, its reaped children and its live ones (DataLoader workers)."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:  # exited since the listing: reaped, counted above
+            continue
+        total += times.user + times.system
+    return total
 
 
 def throughput(loaders: dict, resolutions: list[int], repeats: int, batch: int,

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import abc
 import os
+import weakref
 from dataclasses import dataclass, field
-from typing import Iterator
+from itertools import count
+from typing import Callable, Iterator
 
 import torch
 
@@ -184,10 +186,40 @@ class Loader(abc.ABC):
 
     @property
     def batch_size(self) -> int:
-        return self.schedule.batch_size(self.epoch) or self._default_batch_size
+        return self.batch_size_at(self.epoch)
+
+    def batch_size_at(self, epoch: int) -> int:
+        """The batch size of ``epoch``: its phase's, else the loader's."""
+        return self.schedule.batch_size(epoch) or self._default_batch_size
+
+    def _epoch_key(self, epoch: int) -> tuple:
+        """What ``epoch`` yields: in training its own order and crops, in validation only its
+        size and batch size. Loaders that decode ahead into the next epoch compare keys to
+        know whether the batches in flight are those of the epoch asked for."""
+        key = (self.schedule.resolution(epoch), self.batch_size_at(epoch))
+        return key + (epoch,) if self.train else key
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
+
+
+def chain_epochs(epoch_batches: Callable[[int], list | None], first: int) -> Iterator:
+    """The items of ``epoch_batches(first)``, then of ``first + 1``, ...: consecutive epochs as
+    one stream, for loaders that decode ahead across epoch boundaries. ``None`` ends it.
+
+    ``epoch_batches`` is a loader's method, held weakly: a stream the loader keeps does not keep
+    the loader (and its workers or pipeline) alive through a reference cycle.
+    """
+    method = weakref.WeakMethod(epoch_batches)
+
+    def epochs() -> Iterator:
+        for epoch in count(first):
+            batches = method()(epoch)  # alive: only its loader pulls the stream
+            if batches is None:
+                return
+            yield from batches
+
+    return epochs()

@@ -33,9 +33,11 @@ no sample twice) or its contiguous ``[r*N//W, (r+1)*N//W)`` slice of the ImageFo
 (validation: exact shards, a partial last batch, no padding). Sizes and batch size are fed per
 batch too, so the batch after ``set_epoch(e)`` has epoch ``e``'s size and the last batch before it
 the old one; one pipeline serves every resolution and is rebuilt only when the batch size
-grows. DALI starts prefetching an epoch when its first batch is asked for (one batch of latency
-per epoch, no decoding wasted); a loop that stops early drains the (at most ``prefetch``)
-batches in flight. Crops and flips come from DALI's per-pipeline generator seeded with
+grows. The feed runs on across epochs: after epoch ``e``'s batches it feeds ``e + 1``'s, at
+``e + 1``'s size, so DALI's prefetching crosses the epoch boundary (no empty pipeline when the
+next epoch starts). When the next ``iter()`` is not for what was fed (``set_epoch`` jumped, a
+loop stopped early), the (at most ``prefetch``) batches in flight are drained and the feed
+restarts at the epoch asked for; a validation loader at one size keeps its feed. Crops and flips come from DALI's per-pipeline generator seeded with
 ``(seed, rank)``: the same for the same seed and the same sequence of epochs.
 
 **File mode: how the reader is held to the contract.** ``fn.readers.file(files=, labels=)``
@@ -105,7 +107,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .base import (IMAGENET_MEAN_255, IMAGENET_STD_255, RRC_RATIO, RRC_SCALE, Loader,
-                   OutputSpec, Shard, val_resize)
+                   OutputSpec, Shard, chain_epochs, val_resize)
 from .imagefolder import scan_image_folder
 from .resolution import ResolutionSchedule
 
@@ -236,22 +238,21 @@ class _Feed:
         self.in_flight: deque[np.ndarray] = deque()
         self.stop()
 
-    def start(self, batches: list[np.ndarray], resolution: int) -> None:
-        self._batches = iter(batches)
-        self._size = np.float32(resolution)
-        self._shorter = np.float32(val_resize(resolution))
+    def start(self, batches: Iterator[tuple[np.ndarray, int]]) -> None:
+        """Feed ``(dataset indices, output size)`` batches from here on."""
+        self._batches = batches
         self.in_flight.clear()
 
     def stop(self) -> None:
-        """End the epoch here: DALI gets StopIteration on its next request."""
+        """End the stream here: DALI gets StopIteration on its next request."""
         self._batches = iter(())
 
     def __call__(self) -> tuple:
-        batch = next(self._batches)
+        batch, res = next(self._batches)
         self.in_flight.append(batch)
         n = len(batch)
-        out = (list(self.paths[batch]), self.labels[batch], np.full(n, self._size))
-        return out if self.train else out + (np.full(n, self._shorter),)
+        out = (list(self.paths[batch]), self.labels[batch], np.full(n, res, np.float32))
+        return out if self.train else out + (np.full(n, val_resize(res), np.float32),)
 
 
 class _ScheduleFeed:
@@ -384,6 +385,8 @@ class DaliLoader(Loader):
             self._feed = _Feed(self.paths, self.labels, train)
             self._pipe = self._fed_pipeline()
             self._iterator: DALIGenericIterator | None = None
+            self._owed = 0  # batches of the running epoch not yet delivered
+            self._next_epoch: tuple | None = None  # _epoch_key of what the feed serves next
         else:
             self._stream: _ReaderStream | None = None  # built by the first iteration
 
@@ -406,8 +409,11 @@ class DaliLoader(Loader):
         return rank * n // world, (rank + 1) * n // world
 
     def __len__(self) -> int:
+        return self._num_batches(self.epoch)
+
+    def _num_batches(self, epoch: int) -> int:
         start, stop = self._bounds()
-        n, bs = stop - start, self.batch_size
+        n, bs = stop - start, self.batch_size_at(epoch)
         batches = n // bs if self.drop_last else -(-n // bs)
         if self.train and batches == 0:
             raise ValueError(f"{n} samples per rank ({self.num_samples} over "
@@ -443,40 +449,45 @@ class DaliLoader(Loader):
 
     # --- feed mode ---------------------------------------------------------------------------
 
-    def _batches(self, epoch: int) -> list[np.ndarray]:
-        """Dataset indices of this rank's batches in ``epoch``."""
+    def _batches(self, epoch: int) -> list[tuple[np.ndarray, int]] | None:
+        """This rank's batches in ``epoch``: dataset indices and output size; None when they
+        do not fit the built pipeline (the feed ends there)."""
+        bs = self.batch_size_at(epoch)
+        if bs > self._pipe.max_batch_size:
+            return None
         start, stop = self._bounds()
         order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
                  if self.train else np.arange(self.num_samples))[start:stop]
-        bs = self.batch_size
-        return [order[i * bs:(i + 1) * bs] for i in range(len(self))]
+        res = self.schedule.resolution(epoch)
+        return [(order[i * bs:(i + 1) * bs], res) for i in range(self._num_batches(epoch))]
 
     def _fed_pipeline(self) -> Pipeline:
         return self._build(self._feed, self.batch_size, _seed(self.seed, self.shard.rank))
 
     def _fed_epoch(self, token: object) -> Iterator[Batch]:
-        batches = self._batches(self.epoch)
-        iterator = self._start(batches)
-        try:
-            for _ in batches:
-                self._check_active(token)
-                yield self._next(iterator)
-        finally:
-            if self._active is token:  # an older, abandoned iteration must not stop this one
-                self._drain()
+        iterator = self._fed_stream()
+        for _ in range(self._owed):
+            self._check_active(token)
+            batch = self._next(iterator)
+            self._owed -= 1
+            yield batch
 
-    def _start(self, batches: list[np.ndarray]) -> DALIGenericIterator:
-        """Point the feed at this epoch and (re)start the pipeline on it."""
-        self._drain()
-        if self._pipe is None or self.batch_size > self._pipe.max_batch_size:
-            self._iterator = self._pipe = None
-            self._pipe = self._fed_pipeline()
-        self._feed.start(batches, self.resolution)
-        if self._iterator is None:
-            self._iterator = DALIGenericIterator(self._pipe, ["images", "labels"],
-                                                 prepare_first_batch=False)
-        else:
-            self._iterator.reset()
+    def _fed_stream(self) -> DALIGenericIterator:
+        """The running pipeline if its feed goes on with ``self.epoch``, else one restarted on
+        it (the batches in flight drained, the pipeline rebuilt if the batch size grew)."""
+        if (self._iterator is None or self._owed or self.batch_size > self._pipe.max_batch_size
+                or self._next_epoch != self._epoch_key(self.epoch)):
+            self._drain()
+            if self._pipe is None or self.batch_size > self._pipe.max_batch_size:
+                self._iterator = self._pipe = None
+                self._pipe = self._fed_pipeline()
+            self._feed.start(chain_epochs(self._batches, self.epoch))
+            if self._iterator is None:
+                self._iterator = DALIGenericIterator(self._pipe, ["images", "labels"],
+                                                     prepare_first_batch=False)
+            else:
+                self._iterator.reset()
+        self._owed, self._next_epoch = len(self), self._epoch_key(self.epoch + 1)
         return self._iterator
 
     def _next(self, iterator: DALIGenericIterator) -> Batch:
@@ -488,12 +499,13 @@ class DaliLoader(Loader):
             self._feed.stop()
             self._feed.in_flight.clear()
             self._iterator = self._pipe = None
+            self._owed = 0
             raise self._bad_file_error(e, lambda: in_flight) from e
         self._feed.in_flight.popleft()
         return batch["images"], batch["labels"]
 
     def _drain(self) -> None:
-        """Consume the batches still in flight, so that the next epoch starts clean."""
+        """Consume the batches still in flight, so that the feed can restart clean."""
         self._feed.stop()
         while self._feed.in_flight:
             self._next(self._iterator)

@@ -5,16 +5,21 @@ stays a plain DataLoader: workers decode with PIL (``convert("RGB")`` handles CM
 and PNG data) and return uint8 ``H x W x 3`` tensors; the batch is normalised once, on the
 device, by :meth:`OutputSpec.normalize_uint8`.
 
-Each ``iter(loader)`` builds a DataLoader over a dataset frozen at that epoch's resolution,
-so ``set_epoch`` can never change an epoch that is already running. Random crops and flips
-are drawn from a generator seeded with ``(seed, epoch, sample index)``: the same seed gives
-the same crops whatever the number of workers.
+One DataLoader iterator runs on across epochs, so its workers start decoding the next epoch's
+first batches while the current epoch's last ones are used: no worker start-up and no empty
+pipeline at an epoch boundary, with or without a resolution switch. Each sample the workers
+receive is keyed ``(index, resolution, epoch)``, so a batch prefetched before ``set_epoch`` is
+called already has the next epoch's size, and ``set_epoch`` never changes an epoch that is
+running. The stream assumes the epochs follow each other; when they do not (``set_epoch``
+jumps, or a loop stopped mid-epoch), the next ``iter()`` starts a new one. Random crops and
+flips are drawn from a generator seeded with ``(seed, epoch, sample index)``: the same seed
+gives the same crops whatever the number of workers.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.v2 import functional as F
 
-from .base import RRC_RATIO, RRC_SCALE, Loader, OutputSpec, Shard, val_resize
+from .base import RRC_RATIO, RRC_SCALE, Loader, OutputSpec, Shard, chain_epochs, val_resize
 from .imagefolder import scan_image_folder
 from .resolution import ResolutionSchedule
 
@@ -74,29 +79,38 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class EpochImages(Dataset):
-    """One epoch's view of the samples: ``index -> (H x W x 3 uint8 tensor, label)``."""
+class Samples(Dataset):
+    """``(index, resolution, epoch) -> (H x W x 3 uint8 tensor, label)``: each key carries its
+    epoch's size and crop seed, so one set of workers serves every epoch."""
 
-    def __init__(self, samples: tuple[tuple[str, int], ...], res: int, train: bool,
-                 seed: int, epoch: int) -> None:
-        self.samples, self.res, self.train = samples, res, train
-        self.seed, self.epoch = seed, epoch
+    def __init__(self, samples: tuple[tuple[str, int], ...], train: bool, seed: int) -> None:
+        self.samples, self.train, self.seed = samples, train, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        i, res, epoch = key
         path, label = self.samples[i]
         img = load_rgb(path)
         if self.train:
-            rng = np.random.default_rng((self.seed, self.epoch, i))
+            rng = np.random.default_rng((self.seed, epoch, i))
             top, left, h, w = random_resized_crop_box(img.width, img.height, rng)
-            img = F.resized_crop(img, top, left, h, w, [self.res, self.res])
+            img = F.resized_crop(img, top, left, h, w, [res, res])
             if rng.random() < 0.5:
                 img = F.horizontal_flip(img)
         else:
-            img = F.center_crop(F.resize(img, val_resize(self.res)), self.res)
+            img = F.center_crop(F.resize(img, val_resize(res)), res)
         return torch.from_numpy(np.array(img)), label
+
+
+class _Stream:
+    """A DataLoader iterator over consecutive epochs, and where its consumer stands in it."""
+
+    def __init__(self, batches: Iterator[Batch]) -> None:
+        self.batches = batches
+        self.owed = 0  # batches of the current epoch not taken yet
+        self.next_epoch: tuple | None = None  # Loader._epoch_key of what comes next
 
 
 class FolderLoader(Loader):
@@ -131,6 +145,7 @@ class FolderLoader(Loader):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.drop_last = train if drop_last is None else bool(drop_last)
         self._check_batches()
+        self._stream: _Stream | None = None
 
     def _val_block(self) -> range:
         n, rank, world = self.num_samples, self.shard.rank, self.shard.world_size
@@ -141,9 +156,12 @@ class FolderLoader(Loader):
             return math.ceil(self.num_samples / self.shard.world_size)
         return len(self._val_block())
 
-    def __len__(self) -> int:
-        n, bs = self._shard_samples(), self.batch_size
+    def _num_batches(self, epoch: int) -> int:
+        n, bs = self._shard_samples(), self.batch_size_at(epoch)
         return n // bs if self.drop_last else math.ceil(n / bs)
+
+    def __len__(self) -> int:
+        return self._num_batches(self.epoch)
 
     def _check_batches(self) -> None:
         if self.train and len(self) == 0:
@@ -152,22 +170,45 @@ class FolderLoader(Loader):
                 f"{self.shard.rank} has {self._shard_samples()} of the {self.num_samples} samples "
                 f"in {self.index.root}")
 
-    def _sampler(self) -> DistributedSampler | range:
+    def _order(self, epoch: int) -> Iterable[int]:
+        """This rank's sample indices in ``epoch``."""
         if not self.train:
             return self._val_block()
         sampler = DistributedSampler(range(self.num_samples), num_replicas=self.shard.world_size,
                                      rank=self.shard.rank, shuffle=True, seed=self.seed)
-        sampler.set_epoch(self.epoch)
+        sampler.set_epoch(epoch)
         return sampler
+
+    def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        """``epoch``'s batches of sample keys, ``(index, resolution, epoch)``."""
+        res, bs = self.schedule.resolution(epoch), self.batch_size_at(epoch)
+        keys = [(i, res, epoch) for i in self._order(epoch)]
+        return [keys[b * bs:(b + 1) * bs] for b in range(self._num_batches(epoch))]
+
+    def _open(self, epoch: int) -> _Stream:
+        """A DataLoader over the batches of ``epoch``, ``epoch + 1``, ... and its workers."""
+        batches = DataLoader(Samples(self.index.samples, self.train, self.seed),
+                             batch_sampler=chain_epochs(self._epoch_batches, epoch),
+                             num_workers=self.num_workers,
+                             pin_memory=self.output.device.type == "cuda")
+        return _Stream(iter(batches))
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches of the current epoch; its resolution and batch size are fixed here."""
         self._check_batches()
-        images = EpochImages(self.index.samples, self.resolution, self.train, self.seed, self.epoch)
-        batches = DataLoader(images, batch_size=self.batch_size, sampler=self._sampler(),
-                             num_workers=self.num_workers, drop_last=self.drop_last,
-                             pin_memory=self.output.device.type == "cuda")
-        return map(self._deliver, batches)
+        stream = self._stream
+        if stream is None or stream.owed or stream.next_epoch != self._epoch_key(self.epoch):
+            self._stream = None  # let the old workers go before new ones start
+            self._stream = stream = self._open(self.epoch)
+        stream.owed = len(self)
+        stream.next_epoch = self._epoch_key(self.epoch + 1)
+        return self._take(stream)
+
+    def _take(self, stream: _Stream) -> Iterator[Batch]:
+        while stream.owed:
+            batch = next(stream.batches)
+            stream.owed -= 1
+            yield self._deliver(batch)
 
     def _deliver(self, batch: Batch) -> Batch:
         images, labels = batch

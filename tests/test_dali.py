@@ -257,6 +257,29 @@ def test_file_reader_sizes_follow_the_schedule_through_prefetched_batches(tree):
     assert len(pipes) == 3
 
 
+def test_feed_runs_on_across_epochs_at_the_next_epochs_size(tree):
+    """Feed mode: when an epoch's last batch is delivered, DALI already holds the next epoch's
+    first batches (fed in that epoch's order, at its size), and each epoch still has exactly
+    its own order and sizes; a jump back drains them and restarts the feed on the same
+    pipeline; a validation loader at one size keeps feeding pass after pass."""
+    schedule = Phases((Phase(0, 32), Phase(1, 48), Phase(3, 40)))
+    train = loader(tree, train=True, batch_size=4, resolution=schedule, reader="feed")
+    pipe = train._pipe
+    for epoch, res in [(0, 32), (1, 48), (2, 48), (3, 40), (4, 40), (0, 32)]:
+        batches = run_epoch(train, epoch)
+        assert [tuple(x.shape[-2:]) for x, _ in batches] == [(res, res)] * 12
+        alone = run_epoch(loader(tree, train=True, batch_size=4, resolution=schedule), epoch)
+        assert (decoded(batches)[2] == decoded(alone)[2]).all()
+        ahead, (first, size) = train._feed.in_flight, train._batches(epoch + 1)[0]
+        assert len(ahead) >= 1 and (ahead[0] == first).all()
+        assert size == schedule.resolution(epoch + 1)
+    assert train._pipe is pipe
+    val = loader(tree, resolution=36, reader="feed")
+    for epoch in range(3):
+        assert (decoded(run_epoch(val, epoch))[2] == np.arange(N)).all()
+        assert len(val._feed.in_flight) >= 1
+
+
 @each_reader
 def test_validation_resizes_the_shorter_side_then_centre_crops(tmp_path, reader):
     """A 128 x 64 image, red left of x = 48, blue right of it. Resizing the shorter side to

@@ -1,8 +1,10 @@
 """The torchvision reference loader (FolderLoader) against the loader contract, on real JPEGs."""
 import json
 import math
+from itertools import islice
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -151,6 +153,59 @@ def test_set_epoch_during_an_epoch_only_affects_the_next_iterator(coded, num_wor
     rest = [images.shape for images, _ in running]
     assert first.shape == (8, 3, 32, 32) and set(rest) == {(8, 3, 32, 32)} and len(rest) == N // 8 - 1
     assert {images.shape for images, _ in loader} == {(6, 3, 48, 48)}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_epochs_read_back_to_back_equal_a_new_loader_per_epoch(textured, num_workers):
+    """One loader read epoch after epoch (its workers run on across the boundaries, through a
+    phase change of size and batch size) yields batch for batch what a new loader set to each
+    epoch yields; so does every epoch after a jump back, a repeat or a loop stopped early."""
+    schedule = Phases((Phase(0, 32, 4), Phase(2, 48, 3)))
+
+    def fresh(epoch):
+        loader = folder(textured, train=True, batch_size=4, resolution=schedule)
+        loader.set_epoch(epoch)
+        return [images for images, _ in loader]
+
+    loader = folder(textured, train=True, batch_size=4, resolution=schedule, num_workers=num_workers)
+    for epoch, stop_after in [(0, None), (1, None), (2, None), (3, 1), (3, None), (1, None), (1, None)]:
+        loader.set_epoch(epoch)
+        running = iter(loader)
+        got = [images for images, _ in islice(running, stop_after)]
+        del running  # stopped early: the rest of the epoch stays in the stream
+        want = fresh(epoch)
+        assert len(got) == (stop_after or len(want)) and len(want) == len(loader)
+        assert all(torch.equal(a, b) for a, b in zip(got, want[:len(got)], strict=True)), epoch
+
+
+def test_one_set_of_workers_serves_consecutive_epochs(coded):
+    """Epochs read in order keep the same two worker processes (so they decode the next epoch's
+    first batches while this one ends, at the next epoch's size); validation passes at one size
+    share theirs; a jump back to an earlier epoch replaces the training workers."""
+    root, _ = coded
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+
+    def workers():
+        return {p.pid for p in me.children()} - before
+
+    train = folder(root, train=True, batch_size=8, num_workers=2)
+    seen = []
+    for epoch in (0, 1, 2, 0):
+        train.set_epoch(epoch)
+        assert len(list(train)) == len(train)
+        seen.append(workers())
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]
+    assert len(seen[3]) == 2 and not seen[3] & seen[0]
+    del train
+    val = folder(root, train=False, batch_size=8, num_workers=2)
+    passes = []
+    for epoch in (0, 1, 2):
+        val.set_epoch(epoch)
+        passes.append(epoch_indices(val))
+        seen.append(workers())
+    assert len(seen[4]) == 2 and seen[4] == seen[5] == seen[6]
+    assert all(np.array_equal(p, np.arange(N)) for p in passes)
 
 
 def test_same_seed_gives_same_order_and_crops_whatever_the_workers(textured, coded):
