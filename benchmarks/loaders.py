@@ -23,7 +23,10 @@ How epochs are timed: every loader lives for the whole run and follows one resol
 schedule (salmix: a ``Phases`` schedule; raw DALI: one pipeline per resolution). Per
 resolution, each loader runs one warm-up epoch (FFCV's numba JIT, DALI's allocations), then
 ``--repeats`` epochs, interleaved (each salmix loader next to its raw library, the order
-reversed every round) so that drift in machine load hits all alike; the figure is the median. An epoch is timed from ``iter()`` until the
+reversed every round) so that drift in machine load hits all alike; the figure is the median.
+The salmix/raw ratio is the median over rounds of the ratio of the two neighbouring epochs of
+a round: on a shared machine the speed available swings by up to 2x over seconds, and
+neighbours see nearly the same machine. An epoch is timed from ``iter()`` until the
 process and its worker processes are idle again after its last batch (their CPU time stops
 growing): work a loader leaves running in the background (DALI's reader and the folder
 loader's workers decode the next epoch's first batches) is charged to it, not to the loader
@@ -50,7 +53,7 @@ batch at the switch. Prints the figures and ratios, writes JSON (default
 beside it. Report measured figures only.
 
     python benchmarks/loaders.py [--images 2048] [--batch 256] [--res 128 160 192 224]
-        [--workers N] [--repeats 3] [--switch 128 192] [--data-dir DIR] [--out PATH] [--quick]
+        [--workers N] [--repeats 5] [--switch 128 192] [--data-dir DIR] [--out PATH] [--quick]
 """
 from __future__ import annotations
 
@@ -431,15 +434,22 @@ def build_loaders(names: list[str], root: Path, beton: Path, sizes: list[int], b
 # --- report -----------------------------------------------------------------------------------
 
 def ratios(results: dict, names: list[str]) -> dict:
+    """salmix / raw per size: the median over rounds of the ratio of the two epochs run next to
+    each other in the same round (machine load drifts over seconds, so neighbours share it far
+    more than epochs a minute apart do); also the ratio of the best epochs and of the images
+    per CPU-second."""
     target = TARGETS["salmix_x_raw_min"]
     out = {}
     for res, row in results.items():
         out[res] = {}
         for name in names:
-            ratio = row[name]["img_s"] / row[RAW_OF[name]]["img_s"]
-            efficiency = row[name]["img_per_cpu_s"] / row[RAW_OF[name]]["img_per_cpu_s"]
+            ours, raw = row[name], row[RAW_OF[name]]
+            paired = [a / b for a, b in zip(ours["img_s_all"], raw["img_s_all"], strict=True)]
+            ratio = statistics.median(paired)
             out[res][name] = {"vs": RAW_OF[name], "ratio": ratio, "met": ratio >= target,
-                              "cpu_efficiency_ratio": efficiency}
+                              "ratio_per_round": paired,
+                              "best_ratio": ours["img_s_best"] / raw["img_s_best"],
+                              "cpu_efficiency_ratio": ours["img_per_cpu_s"] / raw["img_per_cpu_s"]}
     return out
 
 
@@ -459,7 +469,7 @@ def table(results: dict, ratio: dict, ceiling: dict, workers: int, switch: dict)
     lines += block("images per CPU-second", "img_per_cpu_s", ".0f")
     lines += block("cores kept busy", "cores_used", ".2f")
     lines.append(f"{'salmix / raw':<22}" + "".join(f"{f'{r} px':>16}" for r in resolutions)
-                 + "   (images/s; per CPU-second)")
+                 + "   (images/s, median of the rounds' paired ratios; per CPU-second)")
     for name in ratio[resolutions[0]]:
         cells = "".join(f"{c['ratio']:>7.2f} {'ok' if c['met'] else '--'} ({c['cpu_efficiency_ratio']:.2f})"
                         for c in (ratio[r][name] for r in resolutions))
@@ -535,7 +545,7 @@ def main() -> None:
     parser.add_argument("--res", type=int, nargs="+", help="default 128 160 192 224; quick 128 224")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="workers / threads of every loader (default: the usable CPUs)")
-    parser.add_argument("--repeats", type=int, help="timed epochs per loader and size (default 3; quick 1)")
+    parser.add_argument("--repeats", type=int, help="timed epochs per loader and size (default 5; quick 1)")
     parser.add_argument("--switch", type=int, nargs=2, default=[128, 192], metavar=("LO", "HI"))
     parser.add_argument("--backends", nargs="+", default=list(SALMIX), choices=SALMIX)
     parser.add_argument("--ffcv-max-res", type=int, default=512, help="the .beton's max_resolution")
@@ -549,7 +559,7 @@ def main() -> None:
     n = args.images or (256 if args.quick else 2048)
     batch = args.batch or (64 if args.quick else 256)
     resolutions = args.res or ([128, 224] if args.quick else [128, 160, 192, 224])
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     started, load_before = time.perf_counter(), os.getloadavg()
