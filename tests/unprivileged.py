@@ -1,8 +1,8 @@
 """Run test code as an unprivileged user, so that ``chmod 000`` really stops reads.
 
 The tests run as root, and root reads any file. A child Python process imports what it needs
-as root (the interpreter lives under ``/root``, which ``nobody`` cannot enter), then drops to
-``nobody`` and runs the test code. The files it reads must sit in a world-readable directory
+as root (the interpreter lives under ``/root``, and a checkout may sit in a private directory,
+which ``nobody`` cannot enter), then drops to ``nobody`` and runs the test code. The files it reads must sit in a world-readable directory
 (pytest's ``tmp_path`` is private to root): use :func:`public_dir`.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ _PRELUDE = """\
 import importlib, os, pwd, sys
 for module in {modules!r}:
     importlib.import_module(module)
+if "PIL.Image" in sys.modules:  # PIL imports its format plugins on first use: do it as root
+    sys.modules["PIL.Image"].init()
 {as_root}
 if os.geteuid() == 0:
     nobody = pwd.getpwnam("nobody")
