@@ -37,8 +37,9 @@ grows. The feed runs on across epochs: after epoch ``e``'s batches it feeds ``e 
 ``e + 1``'s size, so DALI's prefetching crosses the epoch boundary (no empty pipeline when the
 next epoch starts). When the next ``iter()`` is not for what was fed (``set_epoch`` jumped, a
 loop stopped early), the (at most ``prefetch``) batches in flight are drained and the feed
-restarts at the epoch asked for; a validation loader at one size keeps its feed. Crops and flips come from DALI's per-pipeline generator seeded with
-``(seed, rank)``: the same for the same seed and the same sequence of epochs.
+restarts at the epoch asked for; a validation loader at one size keeps its feed. Crops and
+flips come from DALI's per-pipeline generator seeded with ``(seed, rank)``: the same for the
+same seed and the same sequence of epochs.
 
 **File mode: how the reader is held to the contract.** ``fn.readers.file(files=, labels=)``
 reads the same listing (so labels agree with every backend), with ``shard_id``/``num_shards``,
@@ -475,10 +476,10 @@ class DaliLoader(Loader):
     def _fed_stream(self) -> DALIGenericIterator:
         """The running pipeline if its feed goes on with ``self.epoch``, else one restarted on
         it (the batches in flight drained, the pipeline rebuilt if the batch size grew)."""
-        if (self._iterator is None or self._owed or self.batch_size > self._pipe.max_batch_size
-                or self._next_epoch != self._epoch_key(self.epoch)):
+        rebuild = self._pipe is None or self.batch_size > self._pipe.max_batch_size
+        if rebuild or self._owed or self._next_epoch != self._epoch_key(self.epoch):
             self._drain()
-            if self._pipe is None or self.batch_size > self._pipe.max_batch_size:
+            if rebuild:
                 self._iterator = self._pipe = None
                 self._pipe = self._fed_pipeline()
             self._feed.start(chain_epochs(self._batches, self.epoch))
@@ -499,7 +500,6 @@ class DaliLoader(Loader):
             self._feed.stop()
             self._feed.in_flight.clear()
             self._iterator = self._pipe = None
-            self._owed = 0
             raise self._bad_file_error(e, lambda: in_flight) from e
         self._feed.in_flight.popleft()
         return batch["images"], batch["labels"]
