@@ -144,8 +144,9 @@ class RunConfig:
     profile: int = 0
     """Profile this many training steps, report where the time goes, and exit."""
     profile_trace: str | None = None
+    """With ``profile``: also write a torch.profiler trace here (relative: in the run folder)."""
     preview: str | None = None
-    """Write a PNG grid of mixed pairs at the first mixed step."""
+    """Write a PNG grid of mixed pairs at the first mixed step (relative: in the run folder)."""
     progress: bool = True
 
 
@@ -962,9 +963,9 @@ class Trainer:
             if before is not None:
                 self.preview_pending = False
                 if self.dist.main:
-                    write_preview(Path(cfg.run.preview), before, images, labels, out,
-                                  self.data.classes)
-                    self.log(f"wrote mixing preview {cfg.run.preview}")
+                    path = self.output_path(cfg.run.preview)
+                    write_preview(path, before, images, labels, out, self.data.classes)
+                    self.log(f"wrote mixing preview {path}")
             loss_sum += out.loss.detach().double() * labels.shape[0]
             seen += labels.shape[0]
             self.global_step += 1
@@ -1025,6 +1026,13 @@ class Trainer:
                 "val_images": int(n)}
 
     # -- profile -----------------------------------------------------------------------------
+    def output_path(self, name: str) -> Path:
+        """Where the run writes the file ``name``: a relative path lies in the run folder, so
+        another run never overwrites it. Its folder is created."""
+        path = self.run_dir / name  # an absolute name stays as it is
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def profile(self, steps: int) -> dict[str, Any]:
         """Time each stage over ``steps`` steps of the first epoch (after 2 warm-up steps)."""
         epoch = max(self.start_epoch, self.cfg.mix.warmup_epochs if self.mixer else 0)
@@ -1035,8 +1043,9 @@ class Trainer:
         with (torch.profiler.profile(record_shapes=False) if trace else contextlib.nullcontext()) as prof:
             stats = self.train_epoch(epoch, timer=timer, max_steps=steps)
         if trace and self.dist.main:
-            prof.export_chrome_trace(trace)
-            self.log(f"wrote torch.profiler trace {trace}")
+            path = self.output_path(trace)
+            prof.export_chrome_trace(str(path))
+            self.log(f"wrote torch.profiler trace {path}")
         images = stats["batch_size"] // self.dist.world_size * min(steps, len(self.data.train))
         result = {}
         if self.dist.main:

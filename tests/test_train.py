@@ -250,12 +250,15 @@ def test_profile_reports_every_stage(demo, tmp_path):
     assert not (folder / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("mix", ["grafting", "sage"])
-def test_preview_writes_a_grid_of_pairs(demo, tmp_path, mix):
+@pytest.mark.parametrize("mix, relative", [("grafting", True), ("sage", False)])
+def test_preview_writes_a_grid_of_pairs(demo, tmp_path, mix, relative):
+    """A grid of 4 pairs; a relative path lands in the run folder (so a second run never
+    overwrites the first's), an absolute one where it says."""
     from PIL import Image
 
-    png = tmp_path / "preview.png"
-    run(demo, tmp_path, "--mix", mix, "--epochs", "1", "--preview", str(png))
+    png = tmp_path / "run" / "mix" / "preview.png" if relative else tmp_path / "elsewhere.png"
+    run(demo, tmp_path, "--mix", mix, "--epochs", "1",
+        "--preview", "mix/preview.png" if relative else str(png))
     with Image.open(png) as im:
         width, height = im.size
     assert width > 6 * 100 and height > 4 * 100  # 6 columns, 4 pairs
