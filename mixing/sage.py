@@ -116,6 +116,11 @@ Scratch = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
 mixer passes one that keeps them between calls)."""
 
 
+def _fresh(like: torch.Tensor) -> Scratch:
+    """The default :data:`Scratch`: a new tensor on ``like``'s device every time."""
+    return lambda name, shape, dtype: like.new_empty(shape, dtype=dtype)
+
+
 def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tensor,
                          scratch: Scratch | None = None) -> torch.Tensor:
     """Eq. 4, the total saliency of the mix of every pair ``(s0[i], s1[i])`` (N, h, w) for every
@@ -130,7 +135,7 @@ def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tenso
     (N, h, w) rows of only ``ow``, and the add over them runs ~1.5x slower).
     """
     n, h, w = s0.shape
-    scratch = scratch or (lambda name, shape, dtype: s0.new_empty(shape, dtype=dtype))
+    scratch = scratch or _fresh(s0)
     inv0 = _pixels_outer(s0, scratch("inv0", (h * w, n), s0.dtype)).reciprocal_()
     inv1 = _pixels_outer(s1, scratch("inv1", (h * w, n), s0.dtype)).reciprocal_()
     harmonic = s0.new_empty(len(shifts), n)
@@ -155,10 +160,7 @@ def mass_in_frame(s: torch.Tensor, shifts: torch.Tensor, scratch: Scratch | None
     """``sum(T(s[i], shift))`` for every map (N, h, w) and shift (K, 2): (N, K), from an integral
     image (float64: no cancellation)."""
     n, h, w = s.shape
-    if scratch is None:
-        integral = s.new_empty((n, h + 1, w + 1), dtype=torch.float64)
-    else:
-        integral = scratch("integral", (n, h + 1, w + 1), torch.float64)
+    integral = (scratch or _fresh(s))("integral", (n, h + 1, w + 1), torch.float64)
     integral[:, 0].zero_()
     integral[:, 1:, 0].zero_()
     inner = integral[:, 1:, 1:]
