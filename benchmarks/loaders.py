@@ -47,21 +47,36 @@ after the switch, the stall (that minus one batch; target <= 1) and, for scale, 
 batch of the next epoch, which has no switch: a loader that pays a start-up at every epoch
 shows it there too. One switch per loader: a single sample, noisy on a shared machine.
 
-Targets: each salmix loader >= 0.95x its raw library at every resolution; a stall of at most one
-batch at the switch. Prints the figures and ratios, writes JSON (default
+Head to head (the throughput target): each salmix loader and its raw library run at the same
+time, each in its own process with the same number of workers, for ``--head-to-head-seconds``
+(default 40) per size, after a warm-up epoch each; the ratio is of the images each delivers
+between the first and the last of its batches inside the common window (its first eighth
+left out, so batches prefetched before the start do not count). The two share the CPU the
+machine gives at each moment, so its swings, which on a shared machine are larger than the 5 %
+the target allows, hit both alike, where epochs run one after the other see different
+moments. A loader that does more work per image gets proportionally fewer images through; one
+that leaves the CPU idle (at an epoch boundary, say) also hands that time to its rival, so
+idling shows about twice as large as it would alone. ``--control`` (default raw DALI) runs against itself: its ratio's distance
+from 1 is the method's error.
+
+Targets: each salmix loader >= 0.95x its raw library at every resolution, head to head; a stall
+of at most one batch at the switch. Prints the figures and ratios, writes JSON (default
 ``benchmarks/results/loaders.json``, with machine, versions and load averages) and a PNG chart
 beside it. Report measured figures only.
 
     python benchmarks/loaders.py [--images 2048] [--batch 256] [--res 128 160 192 224]
-        [--workers N] [--repeats 5] [--switch 128 192] [--data-dir DIR] [--out PATH] [--quick]
+        [--workers N] [--repeats 5] [--head-to-head-seconds 40] [--control raw-dali]
+        [--switch 128 192] [--data-dir DIR] [--out PATH] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import statistics
 import sys
 import time
@@ -88,6 +103,8 @@ RAW_OF = {"folder": "raw-torchvision", "dali": "raw-dali", "dali-file": "raw-dal
 #: Run order: each salmix loader next to its raw library, so a pair sees the same machine load.
 ORDER = ("folder", "raw-torchvision", "dali", "raw-dali", "dali-file", "ffcv", "raw-ffcv")
 TARGETS = {"salmix_x_raw_min": 0.95, "switch_stall_batches_max": 1.0}
+#: Epochs a head-to-head contender may run per size (its schedule is built this long).
+HEAD_TO_HEAD_MAX_EPOCHS = 100
 # The raw loaders' own constants (no salmix code on the raw side).
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MEAN_255, STD_255 = [255 * m for m in MEAN], [255 * s for s in STD]
@@ -412,23 +429,127 @@ def decode_ceiling(paths: list[str], passes: int) -> dict:
             "img_s_wall_all": wall}
 
 
+# --- head to head -----------------------------------------------------------------------------
+
+def _contender(slot: int, name: str, build: dict, sizes: list[int], seconds: float,
+               barrier, results) -> None:
+    """Child process of ``head_to_head``: one loader; per size a warm-up epoch, then, from the
+    moment both contenders pass ``barrier``, whole epochs until ``seconds`` have passed. Sends
+    ``(slot, size, start, batch delivery times)`` (``perf_counter``: one clock for all
+    processes)."""
+    # A spawned process defaults to spawning its own children: DataLoader workers would then
+    # take seconds to start each epoch. Start them as the parent process does.
+    multiprocessing.set_start_method(build["start_method"], force=True)
+    device = torch.device(build["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    per_size = 1 + HEAD_TO_HEAD_MAX_EPOCHS
+    loader = build_loader(name, build["root"], build["beton"],
+                          [res for res in sizes for _ in range(per_size)], build["batch"],
+                          build["workers"], device)
+    for k, res in enumerate(sizes):
+        epoch = k * per_size
+        loader.set_epoch(epoch)
+        for _ in loader:  # warm-up: FFCV's JIT, DALI's allocations, this size's buffers
+            sync()
+        barrier.wait()
+        start = last = time.perf_counter()
+        times = []
+        while last < start + seconds:
+            epoch += 1
+            if epoch == (k + 1) * per_size:
+                raise RuntimeError(f"{name} ran {HEAD_TO_HEAD_MAX_EPOCHS} epochs in "
+                                   f"{seconds} s: raise HEAD_TO_HEAD_MAX_EPOCHS")
+            loader.set_epoch(epoch)
+            for _ in loader:
+                sync()
+                last = time.perf_counter()
+                times.append(last)
+        results.put((slot, res, start, times))
+
+
+def _rate(times: list[float], start: float, end: float, batch: int) -> float:
+    """Images per second between the first and the last batch delivered inside [start, end]."""
+    inside = [t for t in times if start <= t <= end]
+    if len(inside) < 3:
+        raise RuntimeError(f"only {len(inside)} batches in a {end - start:.1f} s window: "
+                           f"give --head-to-head-seconds more time")
+    return batch * (len(inside) - 1) / (inside[-1] - inside[0])
+
+
+def head_to_head(pairs: list[tuple[str, str]], build: dict, sizes: list[int], seconds: float,
+                 settle: float) -> dict:
+    """Per pair ``(a, b)`` and size: a's images/s over b's, the two loaders running at the same
+    time, each in its own process with its own workers.
+
+    Both share whatever CPU the machine gives at each moment, so its swings hit them alike; a
+    loader that does more work per image, or idles (at an epoch boundary, say), gets fewer
+    images through. Counted from ``settle`` seconds after the common start (batches prefetched
+    before it do not count) to ``seconds`` after it."""
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for a, b in pairs:
+        barrier, results = ctx.Barrier(2, timeout=900), ctx.Queue()
+        procs = [ctx.Process(target=_contender, args=(slot, name, build, sizes, seconds,
+                                                       barrier, results))
+                 for slot, name in enumerate((a, b))]
+        for proc in procs:
+            proc.start()
+        runs = {}
+        try:
+            while len(runs) < 2 * len(sizes):
+                try:
+                    slot, res, start, times = results.get(timeout=1)
+                except queue.Empty:
+                    failed = [f"{(a, b)[k]} (exit code {p.exitcode})"
+                              for k, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if failed:
+                        raise RuntimeError(f"head to head {a} vs {b}: {', '.join(failed)} failed")
+                    continue
+                runs[slot, res] = (start, times)
+        except BaseException:
+            for proc in procs:
+                proc.terminate()
+            raise
+        finally:
+            for proc in procs:
+                proc.join()
+        out[f"{a} vs {b}"] = row = {}
+        for res in sizes:
+            (start_a, times_a), (start_b, times_b) = runs[0, res], runs[1, res]
+            start, end = max(start_a, start_b) + settle, min(start_a, start_b) + seconds
+            rate_a, rate_b = (_rate(t, start, end, build["batch"]) for t in (times_a, times_b))
+            row[res] = {"img_s": [rate_a, rate_b], "ratio": rate_a / rate_b,
+                        "window_s": end - start, "start_skew_s": abs(start_a - start_b)}
+        print(f"head to head {a} vs {b}: " + ", ".join(f"{res} px {c['ratio']:.3f}"
+                                                       for res, c in row.items()),
+              file=sys.stderr, flush=True)
+    return out
+
+
 # --- building the loaders ---------------------------------------------------------------------
+
+def build_loader(name: str, root: Path, beton: Path, sizes: list[int], batch: int, workers: int,
+                 device: torch.device):
+    """The loader ``name`` (a salmix backend or a raw library) on the ``sizes`` schedule (one
+    size per epoch)."""
+    if name in RAW_OF.values():
+        raw = {"raw-torchvision": RawTorchvision, "raw-dali": RawDali}.get(name)
+        return (raw(root, sizes, batch, workers, device) if raw
+                else RawFfcv(beton, sizes, batch, workers, device))
+    schedule = Phases(tuple(Phase(epoch, res) for epoch, res in enumerate(sizes)))
+    backend, options = {"folder": ("folder", {}), "dali": ("dali", {"reader": "feed"}),
+                        "dali-file": ("dali", {"reader": "file"}), "ffcv": ("ffcv", {})}[name]
+    return make_loader(backend, beton if backend == "ffcv" else root, train=True,
+                       batch_size=batch, resolution=schedule, num_workers=workers,
+                       output=OutputSpec(device=device), seed=0, **options)
+
 
 def build_loaders(names: list[str], root: Path, beton: Path, sizes: list[int], batch: int,
                   workers: int, device: torch.device) -> dict:
     """The salmix loaders of ``names`` and their raw counterparts, all on the ``sizes`` schedule."""
-    schedule = Phases(tuple(Phase(epoch, res) for epoch, res in enumerate(sizes)))
-    common = dict(train=True, batch_size=batch, resolution=schedule, num_workers=workers,
-                  output=OutputSpec(device=device), seed=0)
-    salmix = {"folder": lambda: make_loader("folder", root, **common),
-              "dali": lambda: make_loader("dali", root, reader="feed", **common),
-              "dali-file": lambda: make_loader("dali", root, reader="file", **common),
-              "ffcv": lambda: make_loader("ffcv", beton, **common)}
-    raw = {"raw-torchvision": lambda: RawTorchvision(root, sizes, batch, workers, device),
-           "raw-dali": lambda: RawDali(root, sizes, batch, workers, device),
-           "raw-ffcv": lambda: RawFfcv(beton, sizes, batch, workers, device)}
     wanted = set(names) | {RAW_OF[n] for n in names}
-    return {name: {**salmix, **raw}[name]() for name in ORDER if name in wanted}
+    return {name: build_loader(name, root, beton, sizes, batch, workers, device)
+            for name in ORDER if name in wanted}
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -438,7 +559,6 @@ def ratios(results: dict, names: list[str]) -> dict:
     each other in the same round (machine load drifts over seconds, so neighbours share it far
     more than epochs a minute apart do); also the ratio of the best epochs and of the images
     per CPU-second."""
-    target = TARGETS["salmix_x_raw_min"]
     out = {}
     for res, row in results.items():
         out[res] = {}
@@ -446,14 +566,23 @@ def ratios(results: dict, names: list[str]) -> dict:
             ours, raw = row[name], row[RAW_OF[name]]
             paired = [a / b for a, b in zip(ours["img_s_all"], raw["img_s_all"], strict=True)]
             ratio = statistics.median(paired)
-            out[res][name] = {"vs": RAW_OF[name], "ratio": ratio, "met": ratio >= target,
-                              "ratio_per_round": paired,
+            out[res][name] = {"vs": RAW_OF[name], "ratio": ratio, "ratio_per_round": paired,
                               "best_ratio": ours["img_s_best"] / raw["img_s_best"],
                               "cpu_efficiency_ratio": ours["img_per_cpu_s"] / raw["img_per_cpu_s"]}
     return out
 
 
-def table(results: dict, ratio: dict, ceiling: dict, workers: int, switch: dict) -> str:
+def duel_ratios(duels: dict, names: list[str]) -> dict:
+    """Per size and salmix loader: its head-to-head ratio against its raw library (the target)."""
+    target = TARGETS["salmix_x_raw_min"]
+    return {res: {name: {"vs": RAW_OF[name], "ratio": ratio, "met": ratio >= target}
+                  for name in names
+                  for ratio in [duels[f"{name} vs {RAW_OF[name]}"][res]["ratio"]]}
+            for res in next(iter(duels.values()))}
+
+
+def table(results: dict, ratio: dict, duels: dict, ceiling: dict, workers: int,
+          switch: dict) -> str:
     resolutions = list(results)
     names = list(results[resolutions[0]])
 
@@ -471,9 +600,18 @@ def table(results: dict, ratio: dict, ceiling: dict, workers: int, switch: dict)
     lines.append(f"{'salmix / raw':<22}" + "".join(f"{f'{r} px':>16}" for r in resolutions)
                  + "   (images/s, median of the rounds' paired ratios; per CPU-second)")
     for name in ratio[resolutions[0]]:
-        cells = "".join(f"{c['ratio']:>7.2f} {'ok' if c['met'] else '--'} ({c['cpu_efficiency_ratio']:.2f})"
+        cells = "".join(f"{c['ratio']:>10.2f} ({c['cpu_efficiency_ratio']:.2f})"
                         for c in (ratio[r][name] for r in resolutions))
         lines.append(f"{name + ' / ' + RAW_OF[name][4:]:<22}{cells}")
+    lines.append(f"{'head to head':<22}" + "".join(f"{f'{r} px':>16}" for r in resolutions)
+                 + f"   (images/s of a over b, running at once; target >= "
+                 f"{TARGETS['salmix_x_raw_min']} for salmix / raw)")
+    target = TARGETS["salmix_x_raw_min"]
+    for pair, row in duels.items():
+        a, b = pair.split(" vs ")
+        mark = (lambda r: "  ok" if r >= target else "  --") if a in RAW_OF else (lambda r: "")
+        lines.append(f"{pair:<26}" + "".join(f"{c['ratio']:>12.3f}{mark(c['ratio'])}"
+                                             for c in row.values()))
     first = next(iter(switch.values()))
     lines.append(f"switch {first['from_res']} -> {first['to_res']} px, in batches at the new size: "
                  f"first batch after the switch, stall (that - 1; target <= 1), first batch of the "
@@ -488,8 +626,10 @@ def table(results: dict, ratio: dict, ceiling: dict, workers: int, switch: dict)
     return "\n".join(lines)
 
 
-def chart(results: dict, ratio: dict, ceiling: dict, workers: int, title: str, path: Path) -> None:
-    """Images/s per loader and resolution (raw libraries hatched), and the salmix/raw ratios."""
+def chart(results: dict, ratio: dict, duel: dict, ceiling: dict, workers: int, title: str,
+          path: Path) -> None:
+    """Images/s per loader and resolution (raw libraries hatched), and the salmix/raw ratios
+    (head to head: solid; sequential epochs: dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,8 +653,10 @@ def chart(results: dict, ratio: dict, ceiling: dict, workers: int, title: str, p
     bars.set_ylabel("images / s")
     bars.legend(fontsize=8, ncol=2)
     for name in ratio[resolutions[0]]:
-        lines.plot(resolutions, [ratio[r][name]["ratio"] for r in resolutions], "o-",
+        lines.plot(resolutions, [duel[r][name]["ratio"] for r in resolutions], "o-",
                    color=colours[name], label=f"{name} / {RAW_OF[name]}")
+        lines.plot(resolutions, [ratio[r][name]["ratio"] for r in resolutions], ":",
+                   color=colours[name], alpha=0.6)
     lines.axhline(TARGETS["salmix_x_raw_min"], color="black", linestyle="--", linewidth=1,
                   label="target")
     lines.set_xticks(resolutions)
@@ -548,6 +690,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed epochs per loader and size (default 5; quick 1)")
     parser.add_argument("--switch", type=int, nargs=2, default=[128, 192], metavar=("LO", "HI"))
     parser.add_argument("--backends", nargs="+", default=list(SALMIX), choices=SALMIX)
+    parser.add_argument("--head-to-head-seconds", type=float,
+                        help="length of each head-to-head run (default 40; quick 10)")
+    parser.add_argument("--control", default="raw-dali", choices=sorted(set(RAW_OF.values())),
+                        help="the raw library run head to head against itself: the method's error")
     parser.add_argument("--ffcv-max-res", type=int, default=512, help="the .beton's max_resolution")
     parser.add_argument("--ffcv-write-mode", default="jpg", choices=WRITE_MODES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -560,6 +706,7 @@ def main() -> None:
     batch = args.batch or (64 if args.quick else 256)
     resolutions = args.res or ([128, 224] if args.quick else [128, 160, 192, 224])
     repeats = args.repeats or (1 if args.quick else 5)
+    seconds = args.head_to_head_seconds or (10 if args.quick else 40)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -578,6 +725,12 @@ def main() -> None:
     switch = {name: switch_stall(loader, len(throughput_sizes), lo, hi, sync)
               for name, loader in loaders.items()}
     ratio = ratios(results, args.backends)
+    del loaders  # their workers and pipelines go before the contenders start
+    build = {"root": root, "beton": beton, "batch": batch, "workers": args.workers,
+             "device": str(device), "start_method": multiprocessing.get_start_method()}
+    pairs = [(name, RAW_OF[name]) for name in args.backends] + [(args.control, args.control)]
+    duels = head_to_head(pairs, build, resolutions, seconds, settle=seconds / 8)
+    duel = duel_ratios(duels, args.backends)
     load_after = os.getloadavg()
 
     host = machine(device, args.workers)
@@ -585,8 +738,8 @@ def main() -> None:
              f"{host['device']}; median of {repeats} epochs; "
              f"load avg {load_before[0]:.1f} -> {load_after[0]:.1f}")
     print(title)
-    print(table(results, ratio, ceiling, args.workers, switch))
-    met = {"throughput": all(c["met"] for row in ratio.values() for c in row.values()),
+    print(table(results, ratio, duels, ceiling, args.workers, switch))
+    met = {"throughput": all(c["met"] for row in duel.values() for c in row.values()),
            "switch": all(switch[name]["met"] for name in args.backends)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -597,9 +750,10 @@ def main() -> None:
                                         "write_mode": args.ffcv_write_mode, "jpeg_quality": 90}},
         "batch": batch, "repeats": repeats, "targets": TARGETS, "targets_met": met,
         "decode_ceiling": {**ceiling, "img_s_at_workers": ceiling["img_s_per_core"] * args.workers},
-        "throughput": results, "ratios": ratio, "switch": switch,
+        "throughput": results, "ratios": ratio, "head_to_head_s": seconds,
+        "head_to_head": duels, "head_to_head_ratios": duel, "switch": switch,
         "runtime_s": time.perf_counter() - started}, indent=2))
-    chart(results, ratio, ceiling, args.workers, title, out.with_suffix(".png"))
+    chart(results, ratio, duel, ceiling, args.workers, title, out.with_suffix(".png"))
     print(f"targets met: {met}; runtime {time.perf_counter() - started:.0f} s; wrote {out} and "
           f"{out.with_suffix('.png')}")
 
