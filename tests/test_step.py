@@ -298,6 +298,7 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     assert all(torch.equal(gathered[0], g) for g in gathered)
+    dist.barrier()  # both ranks done communicating before either tears gloo down
     dist.destroy_process_group()
 
 
