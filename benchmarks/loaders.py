@@ -43,9 +43,12 @@ pauses, epochs at ``LO, LO, HI, HI`` (default 128, 128, 192, 192) with every bat
 the previous one (the first of an epoch: from the previous epoch's last batch, across
 ``set_epoch`` and ``iter()``). Reported, in batches at HI (the mean interval between batches
 inside the HI epochs; a DataLoader delivers in bursts, so not the median): the first batch
-after the switch, the stall (that minus one batch; target <= 1) and, for scale, the first
-batch of the next epoch, which has no switch: a loader that pays a start-up at every epoch
-shows it there too. One switch per loader: a single sample, noisy on a shared machine.
+after the switch; the stall: the time until the ``workers``-th batch after the switch minus
+that many batch times (target <= 1; a DataLoader with W workers delivers W batches at once
+every W batch times, so its single gaps reach about W batch times with no stall at all, and
+one burst is the unit it delivers in); and, for scale, the same for the first batches of the
+next epoch, which has no switch: a loader that pays a start-up at every epoch shows it there
+too. One switch per loader: a single sample, noisy on a shared machine.
 
 Head to head (the throughput target): each salmix loader and its raw library run at the same
 time, each in its own process with the same number of workers, for ``--head-to-head-seconds``
@@ -386,25 +389,32 @@ def _summary(runs: list[dict]) -> dict:
             "cores_used": statistics.median(r["cores_used"] for r in runs)}
 
 
-def switch_stall(loader, first_epoch: int, lo: int, hi: int, sync: Callable[[], None]) -> dict:
-    """Batch timeline across ``lo, lo | hi, hi`` epochs (``first_epoch`` on) of one loader.
+def switch_stall(loader, first_epoch: int, lo: int, hi: int, workers: int,
+                 sync: Callable[[], None]) -> dict:
+    """Batch timeline across ``lo, lo | hi, hi`` epochs (``first_epoch`` on) of one loader."""
+    idle_since()
+    return score_switch(timeline(loader, range(first_epoch, first_epoch + 4), sync), lo, hi,
+                        workers)
+
+
+def score_switch(gaps: list[list[float]], lo: int, hi: int, workers: int) -> dict:
+    """The switch figures of a ``lo, lo | hi, hi`` timeline, in batch times at ``hi``.
 
     The batch time at a size is the mean interval between batches inside its epochs (not the
-    median: a DataLoader's workers deliver whole batches in bursts)."""
-    idle_since()
-    gaps = timeline(loader, range(first_epoch, first_epoch + 4), sync)
+    median: a DataLoader's workers deliver whole batches in bursts). The stall is the delay of
+    the first ``workers`` batches after the switch beyond ``workers`` batch times."""
 
     def batch_time(epochs: list[list[float]]) -> float:
         inner = [g for row in epochs for g in row[1:]]
         return sum(inner) / len(inner)
 
     lo_batch, hi_batch = batch_time(gaps[:2]), batch_time(gaps[2:])
-    stall = (gaps[2][0] - hi_batch) / hi_batch
-    return {"from_res": lo, "to_res": hi, "batch_s": hi_batch,
+    stall, next_epoch = (sum(row[:workers]) / hi_batch - workers for row in gaps[2:])
+    return {"from_res": lo, "to_res": hi, "batch_s": hi_batch, "burst_batches": workers,
             "first_batch_after_switch_s": gaps[2][0],
             "first_batch_after_switch_x": gaps[2][0] / hi_batch, "stall_batches": stall,
-            "next_epoch_first_batch_x": gaps[3][0] / hi_batch,
-            "switch_minus_next_epoch_batches": (gaps[2][0] - gaps[3][0]) / hi_batch,
+            "next_epoch_stall_batches": next_epoch,
+            "switch_minus_next_epoch_batches": stall - next_epoch,
             "lo_epoch_first_batch_x": gaps[1][0] / lo_batch,
             "met": stall <= TARGETS["switch_stall_batches_max"], "gaps_s": gaps}
 
@@ -614,13 +624,13 @@ def table(results: dict, ratio: dict, duels: dict, ceiling: dict, workers: int,
                                              for c in row.values()))
     first = next(iter(switch.values()))
     lines.append(f"switch {first['from_res']} -> {first['to_res']} px, in batches at the new size: "
-                 f"first batch after the switch, stall (that - 1; target <= 1), first batch of the "
-                 f"next epoch (no switch), switch minus next epoch")
+                 f"first batch after the switch; stall: delay of the first {first['burst_batches']} "
+                 f"batches (target <= 1); the same at the next epoch (no switch); the difference")
     lines.append(f"{'loader':<22}{'batch ms':>9}{'switch':>8}{'stall':>7}{'next epoch':>12}"
                  f"{'difference':>12}")
     for name, sw in switch.items():
         lines.append(f"{name:<22}{1e3 * sw['batch_s']:>9.0f}{sw['first_batch_after_switch_x']:>8.2f}"
-                     f"{sw['stall_batches']:>7.2f}{sw['next_epoch_first_batch_x']:>12.2f}"
+                     f"{sw['stall_batches']:>7.2f}{sw['next_epoch_stall_batches']:>12.2f}"
                      f"{sw['switch_minus_next_epoch_batches']:>12.2f}"
                      + ("" if name not in RAW_OF else "  ok" if sw["met"] else "  --"))
     return "\n".join(lines)
@@ -722,7 +732,7 @@ def main() -> None:
     loaders = build_loaders(args.backends, root, beton, throughput_sizes + [lo, lo, hi, hi],
                             batch, args.workers, device)
     results = throughput(loaders, resolutions, repeats, batch, sync)
-    switch = {name: switch_stall(loader, len(throughput_sizes), lo, hi, sync)
+    switch = {name: switch_stall(loader, len(throughput_sizes), lo, hi, args.workers, sync)
               for name, loader in loaders.items()}
     ratio = ratios(results, args.backends)
     del loaders  # their workers and pipelines go before the contenders start
