@@ -59,8 +59,8 @@ machine gives at each moment, so its swings, which on a shared machine are large
 the target allows, hit both alike, where epochs run one after the other see different
 moments. A loader that does more work per image gets proportionally fewer images through; one
 that leaves the CPU idle (at an epoch boundary, say) also hands that time to its rival, so
-idling shows about twice as large as it would alone. ``--control`` (default raw DALI) runs against itself: its ratio's distance
-from 1 is the method's error.
+idling shows about twice as large as it would alone. ``--control`` (default raw DALI) runs
+against itself: its ratio's distance from 1 is the method's error.
 
 Targets: each salmix loader >= 0.95x its raw library at every resolution, head to head; a stall
 of at most one batch at the switch. Prints the figures and ratios, writes JSON (default
@@ -316,6 +316,11 @@ def idle_since(poll: float = 0.01, quiet: float = 0.05, busy: float = 0.25) -> f
         last, cpu = now, used
 
 
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work, so that a batch is timed when it is ready."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def timeline(loader, epochs: Iterable[int], sync: Callable[[], None]) -> list[list[float]]:
     """Per epoch, the seconds between consecutive batches; an epoch's first gap runs from the
     previous epoch's last batch (the first epoch's: from the call)."""
@@ -451,7 +456,7 @@ def _contender(slot: int, name: str, build: dict, sizes: list[int], seconds: flo
     # take seconds to start each epoch. Start them as the parent process does.
     multiprocessing.set_start_method(build["start_method"], force=True)
     device = torch.device(build["device"])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     per_size = 1 + HEAD_TO_HEAD_MAX_EPOCHS
     loader = build_loader(name, build["root"], build["beton"],
                           [res for res in sizes for _ in range(per_size)], build["batch"],
@@ -718,7 +723,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 5)
     seconds = args.head_to_head_seconds or (10 if args.quick else 40)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     started, load_before = time.perf_counter(), os.getloadavg()
 
     root, data = ensure_images(Path(args.data_dir), n, args.classes, args.seed, args.workers)
