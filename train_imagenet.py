@@ -1025,7 +1025,6 @@ class Trainer:
         return {"val_top1": top1 / n, "val_top5": top5 / n, "val_loss": loss / n,
                 "val_images": int(n)}
 
-    # -- profile -----------------------------------------------------------------------------
     def output_path(self, name: str) -> Path:
         """Where the run writes the file ``name``: a relative path lies in the run folder, so
         another run never overwrites it. Its folder is created."""
@@ -1033,6 +1032,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    # -- profile -----------------------------------------------------------------------------
     def profile(self, steps: int) -> dict[str, Any]:
         """Time each stage over ``steps`` steps of the first epoch (after 2 warm-up steps)."""
         epoch = max(self.start_epoch, self.cfg.mix.warmup_epochs if self.mixer else 0)

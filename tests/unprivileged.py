@@ -2,8 +2,9 @@
 
 The tests run as root, and root reads any file. A child Python process imports what it needs
 as root (the interpreter lives under ``/root``, and a checkout may sit in a private directory,
-which ``nobody`` cannot enter), then drops to ``nobody`` and runs the test code. The files it reads must sit in a world-readable directory
-(pytest's ``tmp_path`` is private to root): use :func:`public_dir`.
+which ``nobody`` cannot enter), then drops to ``nobody`` and runs the test code. The files it
+reads must sit in a world-readable directory (pytest's ``tmp_path`` is private to root): use
+:func:`public_dir`.
 """
 from __future__ import annotations
 
