@@ -9,11 +9,24 @@ label smoothing folded in.
 Every random choice (pairing, lambda, Bernoulli draws, SAGE's candidate shifts) is either
 passed explicitly or drawn from ``generator``, so a run is reproducible and the maths can be
 checked against an independent implementation.
+
+No device-to-host reads in the hot path: the per-batch random choices are drawn on the
+generator's device and moved to the batch's device without blocking (:func:`to_device`);
+everything else stays on the batch's device. Pass a **CPU generator** (or None, the global
+CPU generator) with CUDA batches: the scalar choices (lambda, grid size, candidate shifts)
+are then read on the host for free. A generator on the batch's device still works and draws
+exactly what it drew before, but each scalar choice is then a device-to-host read.
+
+Value checks (label range, non-finite or negative saliency) run on CPU tensors only, where
+reading values costs no device sync; on other devices the shapes, dtypes and devices are
+still checked (an out-of-range label there trips the device-side index assert of the
+target scatter). Within :func:`labels_checked` a batch's labels are not checked again.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Literal
@@ -21,6 +34,8 @@ from typing import ClassVar, Iterator, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .fastpath import cpu_threads, kept_scratch, new_empty, to_device  # noqa: F401 (re-exported)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SaliencyKind = Literal["none", "feature", "gradient"]
@@ -56,8 +71,24 @@ def check_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None
     check_labels(labels, n, x.device, num_classes)
 
 
+_CHECKED_LABELS: contextvars.ContextVar[tuple[torch.Tensor, int] | None] = \
+    contextvars.ContextVar("checked_labels", default=None)
+
+
+@contextlib.contextmanager
+def labels_checked(labels: torch.Tensor, num_classes: int) -> Iterator[None]:
+    """Within the block, :func:`check_labels` of these very ``labels`` for ``num_classes``
+    skips the value check already done (the training step checks a batch once)."""
+    token = _CHECKED_LABELS.set((labels, num_classes))
+    try:
+        yield
+    finally:
+        _CHECKED_LABELS.reset(token)
+
+
 def check_labels(labels: torch.Tensor, n: int, device: torch.device, num_classes: int) -> None:
-    """Raise a ValueError naming the problem unless ``labels`` are ``n`` class indices on ``device``."""
+    """Raise a ValueError naming the problem unless ``labels`` are ``n`` class indices on
+    ``device``; the value range is checked for CPU tensors only (no device sync)."""
     if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},) to match the images, got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
@@ -65,13 +96,21 @@ def check_labels(labels: torch.Tensor, n: int, device: torch.device, num_classes
         raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but images on {device}")
-    lo, hi = int(labels.min()), int(labels.max())
+    checked = _CHECKED_LABELS.get()
+    if labels.device.type != "cpu" or (checked is not None and checked[0] is labels
+                                       and checked[1] == num_classes):
+        return
+    lo, hi = torch.stack(torch.aminmax(labels)).tolist()
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
 
 
 def check_saliency(saliency: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """Return ``saliency`` as float32 (N, h, w) on ``x``'s device, or raise naming the problem."""
+    """Return ``saliency`` as float32 (N, h, w) on ``x``'s device, or raise naming the problem.
+
+    Values (NaN, inf, negative) are checked for CPU tensors only: elsewhere that would be a
+    device sync per batch. A non-finite map there makes the mixed loss non-finite, which the
+    caller sees (the training step zeroes non-finite saliency under a GradScaler)."""
     if saliency is None:
         raise ValueError("this mixer needs a saliency map (N, h, w); got None")
     if saliency.dim() == 4 and saliency.shape[1] == 1:
@@ -81,6 +120,8 @@ def check_saliency(saliency: torch.Tensor | None, x: torch.Tensor) -> torch.Tens
     if not saliency.is_floating_point():
         raise ValueError(f"saliency must be a float tensor, got {saliency.dtype}")
     saliency = saliency.to(device=x.device, dtype=torch.float32)
+    if saliency.device.type != "cpu":
+        return saliency
     # One pass (NaN propagates into both): isfinite() and a comparison cost 10-20x more on CPU.
     lo, hi = torch.stack(torch.aminmax(saliency)).tolist() if saliency.numel() else (0.0, 0.0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -98,45 +139,27 @@ def mix_targets(labels: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor,
     targets = torch.zeros(n, num_classes, device=labels.device, dtype=torch.float32)
     targets.scatter_add_(1, labels.long()[:, None], w[:, None])
     targets.scatter_add_(1, labels.long()[perm][:, None], (1 - w)[:, None])
+    return smooth_targets_(targets, smoothing)
+
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Label-smoothed one-hot targets (N, K), float32."""
+    return smooth_targets_(F.one_hot(labels.long(), num_classes).float(), smoothing)
+
+
+def smooth_targets_(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """In place: ``(1 - smoothing) * targets + smoothing / K``."""
     if smoothing:
-        targets.mul_(1 - smoothing).add_(smoothing / num_classes)
+        targets.mul_(1 - smoothing).add_(smoothing / targets.shape[-1])
     return targets
 
 
-def blend_(x: torch.Tensor, partner: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-    """In place: ``x = share * x + (1 - share) * partner`` (share broadcasts over x)."""
-    return x.lerp_(partner, (1 - share).to(x.dtype))
-
-
-def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype, device=device)``, except that a float32 CPU tensor of
-    4 MB or more comes from numpy's allocator, which asks the kernel for transparent huge pages
-    (``madvise``): its pages then fault in 2 MB at a time, not 4 KB (a fresh 51 MB tensor filled
-    once: ~11 ms instead of ~37 ms here). For a result that must be new memory on every call.
-    """
-    if device.type == "cpu" and dtype == torch.float32 and 4 * math.prod(shape) >= 4 << 20:
-        return torch.from_numpy(np.empty(shape, dtype=np.float32))
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device, threads: int = 1) -> Iterator[None]:
-    """Within the block, ops on the CPU use at most ``threads`` intra-op threads (the setting
-    is restored after); nothing changes for another device.
-
-    For a mixer's many small, cache-sized ops: each op parallelised by the CPU backend pays a
-    fork-join, which costs more than such an op saves, and on shared cores (other processes
-    running) each join waits for a descheduled thread: whole milliseconds per op.
-    """
-    before = torch.get_num_threads()
-    if device.type != "cpu" or before <= threads:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def blend_(x: torch.Tensor, partner: torch.Tensor, share: torch.Tensor | float) -> torch.Tensor:
+    """In place: ``x = share * x + (1 - share) * partner`` (a tensor share broadcasts over x;
+    a float one is passed to ``lerp_`` as a Python scalar, never as a CPU tensor)."""
+    if isinstance(share, torch.Tensor):
+        return x.lerp_(partner, (1 - share).to(x.dtype))
+    return x.lerp_(partner, 1.0 - share)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -152,8 +175,8 @@ def generator_device(generator: torch.Generator | None) -> torch.device:
 
 
 def random_perm(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """A random pairing ``perm`` of the batch (drawn on the generator's device)."""
-    return torch.randperm(n, generator=generator, device=generator_device(generator)).to(device)
+    """A random pairing ``perm`` of the batch, drawn on the generator's device, on ``device``."""
+    return to_device(torch.randperm(n, generator=generator, device=generator_device(generator)), device)
 
 
 def random_beta(alpha: float, generator: torch.Generator | None) -> float:
@@ -161,16 +184,31 @@ def random_beta(alpha: float, generator: torch.Generator | None) -> float:
 
     torch's Beta sampler takes no generator, so numpy's is seeded with one draw from it.
     """
-    seed = int(torch.randint(2**62, (), generator=generator, device=generator_device(generator)))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+    return float(np.random.default_rng(random_int(2**62, generator)).beta(alpha, alpha))
+
+
+def random_int(high: int, generator: torch.Generator | None) -> int:
+    """One uniform int in [0, high) from ``generator`` (a host read for a device generator)."""
+    return int(torch.randint(high, (), generator=generator, device=generator_device(generator)))
+
+
+def random_uniform(generator: torch.Generator | None) -> float:
+    """One uniform float in [0, 1) from ``generator`` (a host read for a device generator)."""
+    return torch.rand((), generator=generator, device=generator_device(generator)).item()
 
 
 def check_perm(perm: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """Validate an explicit pairing: a permutation of ``range(n)``."""
-    perm = torch.as_tensor(perm, device=device, dtype=torch.int64)
-    if perm.shape != (n,) or not torch.equal(perm.sort().values, torch.arange(n, device=device)):
+    """Validate an explicit pairing, a permutation of ``range(n)``, and return it on ``device``
+    (checked where it was given: one host read if that is a device)."""
+    perm = torch.as_tensor(perm, dtype=torch.int64)
+    if perm.shape != (n,) or not torch.equal(perm.sort().values, torch.arange(n, device=perm.device)):
         raise ValueError(f"perm must be a permutation of range({n}), got {perm.tolist()}")
-    return perm
+    return to_device(perm, device)
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is a Python int (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Mixer(abc.ABC):
@@ -210,23 +248,11 @@ class Mixer(abc.ABC):
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        """An uninitialised scratch tensor, on the CPU kept on the mixer between calls.
-
-        A fresh CPU tensor of batch size comes from the OS as untouched pages, and faulting
-        them in costs several times the pass that fills them (~1.3 ms per MB here); kept,
-        the next batch of the same shape reuses them. Other devices' allocators cache freed
-        memory themselves, so there it is a plain ``torch.empty``. A mixer holding scratch
-        tensors is not re-entrant (one call at a time); they are not pickled or copied.
-        """
-        if device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-        buffers = self.__dict__.setdefault("_scratch_buffers", {})
-        buf = buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device \
-                or not buf.is_contiguous(memory_format=memory_format):
-            buffers[name] = None                      # free the old one first
-            buf = buffers[name] = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-        return buf
+        """An uninitialised scratch tensor, on the CPU kept on the mixer between calls
+        (:func:`mixing.fastpath.kept_scratch`). A mixer holding scratch tensors is not
+        re-entrant (one call at a time); they are not pickled or copied."""
+        return kept_scratch(self.__dict__.setdefault("_scratch_buffers", {}), name, shape, dtype,
+                            device, memory_format)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_scratch_buffers"}

@@ -11,8 +11,7 @@ import math
 
 import torch
 
-from .base import (MixResult, Mixer, blend_, check_batch, check_perm, generator_device, random_beta,
-                   random_perm)
+from .base import MixResult, Mixer, blend_, check_batch, check_perm, random_beta, random_int, random_perm
 
 
 class _LambdaMixer(Mixer):
@@ -50,7 +49,7 @@ class Mixup(_LambdaMixer):
             lam: float | None = None) -> MixResult:
         """Mix in place; ``perm`` and ``lam`` may be given explicitly (``saliency`` is unused)."""
         perm, lam = self._draw(x, labels, perm, lam, generator)
-        blend_(x, x[perm], torch.tensor(lam))
+        blend_(x, x[perm], lam)
         return self._result(labels, perm, lam)
 
 
@@ -77,7 +76,7 @@ class CutMix(_LambdaMixer):
         perm, lam = self._draw(x, labels, perm, lam, generator)
         h, w = x.shape[-2:]
         if center is None:
-            center = (_randint(h, generator), _randint(w, generator))
+            center = (random_int(h, generator), random_int(w, generator))
         elif not (0 <= center[0] < h and 0 <= center[1] < w):
             raise ValueError(f"center must lie inside the {h}x{w} image, got {center}")
         y0, y1, x0, x1 = cutmix_box(h, w, lam, center)
@@ -87,7 +86,3 @@ class CutMix(_LambdaMixer):
         lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
         return self._result(labels, perm, lam, mask.expand(x.shape[0], -1, -1, -1))
 
-
-def _randint(high: int, generator: torch.Generator | None) -> int:
-    """One uniform int in [0, high) from ``generator``."""
-    return int(torch.randint(high, (), generator=generator, device=generator_device(generator)))

@@ -8,8 +8,7 @@ them. That binary mask M picks image i's pixels, the rest come from its partner 
 and the label weight of image i is Eq. 5:
 ``lambda = I(S_i, M) / (I(S_i, M) + I(S_j, 1 - M))`` with ``I(S, M) = ||S * M||_2 / ||S||_2``.
 
-Where the paper is silent (the authors' code was not found in the searchable index), this
-module chooses, and the functions below document:
+Where the paper is silent this module chooses, and the functions below document:
 
 * resampling to the grid: adaptive average pooling (a region's saliency is the mean of the
   feature cells it overlaps), for up- and down-sampling alike;
@@ -19,9 +18,9 @@ module chooses, and the functions below document:
 * guards: a flat map (e.g. all zero) makes every region eligible, counts as uniform saliency
   in Eq. 5, and a 0/0 in Eq. 5 falls back to the area share of the mask.
 
-On the CPU the work on the grid (tiny ops) and gathering the partners into a scratch tensor
-kept between calls run on one intra-op thread (:func:`mixing.base.cpu_threads`); the graft, a
-batch-sized blend, uses all threads.
+On the CPU the work on the grid (tiny ops) and the partner gather run on one intra-op thread
+and the gather writes into a scratch tensor kept between calls (:mod:`mixing.fastpath`); the
+graft, a batch-sized blend, uses all threads.
 """
 from __future__ import annotations
 
@@ -30,8 +29,9 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import (MixResult, Mixer, check_batch, check_perm, check_saliency, cpu_threads,
-                   generator_device, random_beta, random_perm)
+from .base import (MixResult, Mixer, check_batch, check_perm, check_saliency, generator_device,
+                   is_int, random_beta, random_int, random_perm, to_device)
+from .fastpath import cpu_threads
 
 LabelMix = Literal["saliency", "area"]
 
@@ -46,7 +46,7 @@ def region_saliency(saliency: torch.Tensor, grid: int) -> torch.Tensor:
 
     When the grid is a whole multiple of the map (2 x 2 features on a 4 or 8 grid), each region
     lies in one feature cell and its mean is that cell's value: the map is repeated, in one copy
-    (the pooling kernel takes ~5x as long on these tiny maps).
+    (cheaper than the pooling kernel on these tiny maps).
     """
     n, h, w = saliency.shape
     if grid % h == 0 and grid % w == 0:
@@ -156,9 +156,9 @@ class SaliencyGrafting(Mixer):
             raise ValueError(f"threshold must be >= 0 (a multiple of the mean), got {threshold}")
         if grid_sizes is not None:
             grid_sizes = tuple(grid_sizes)
-            if not grid_sizes or not all(_is_int(g) and g >= 1 for g in grid_sizes):
+            if not grid_sizes or not all(is_int(g) and g >= 1 for g in grid_sizes):
                 raise ValueError(f"grid_sizes must be a non-empty list of ints >= 1, got {list(grid_sizes)}")
-        if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+        if top_k is not None and not (is_int(top_k) and top_k >= 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
         if label_mix not in ("saliency", "area"):
             raise ValueError(f"label_mix must be 'saliency' or 'area', got {label_mix!r}")
@@ -197,10 +197,8 @@ class SaliencyGrafting(Mixer):
         return MixResult(targets, perm, weight, mask=mask)
 
     def _partners(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        """``x[perm]``, gathered into a scratch tensor of ``x``'s layout.
-
-        Called on one thread: on two, ``index_select`` into ``out`` took 2.0 s instead of 29 ms
-        for a 224 px batch of 256, in some runs on shared cores (the blend beside it did not)."""
+        """``x[perm]``, gathered into a scratch tensor of ``x``'s layout (called on one CPU
+        thread: on shared cores a two-thread ``index_select`` into ``out`` can stall)."""
         layout = torch.channels_last if not x.is_contiguous() \
             and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = self._scratch("partner", tuple(x.shape), x.dtype, x.device, layout)
@@ -217,9 +215,8 @@ class SaliencyGrafting(Mixer):
             grid_size = bernoulli.shape[1]
         if grid_size is None:
             sizes = self.grid_sizes or default_grid_sizes(h, w)
-            grid_size = sizes[int(torch.randint(len(sizes), (), generator=generator,
-                                                device=generator_device(generator)))]
-        if not _is_int(grid_size) or not 1 <= grid_size <= min(h, w):
+            grid_size = sizes[random_int(len(sizes), generator)]
+        if not is_int(grid_size) or not 1 <= grid_size <= min(h, w):
             raise ValueError(f"grid size must be an int in [1, {min(h, w)}] for {h}x{w} images, "
                              f"got {grid_size!r}")
         return grid_size
@@ -237,8 +234,5 @@ class SaliencyGrafting(Mixer):
         elif not 0.0 <= p <= 1.0:
             raise ValueError(f"p must lie in [0, 1], got {p}")
         draws = torch.rand(shape, generator=generator, device=generator_device(generator)) < p
-        return draws.to(device)
+        return to_device(draws, device)
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -31,24 +31,17 @@ Two deliberate differences, both invisible wherever the smoothed maps are positi
   wherever ``T(s1) = 0``. Out of the partner's frame its pixels therefore get weight exactly 0,
   so the image gather needs no zero fill (:func:`shifted_partner`).
 
-How it runs (no formula changes; only the order of some float32 sums in the search differs from
-a per-map sum, by ~2e-7 relative): on the CPU the whole mix uses one intra-op thread
-(:func:`mixing.base.cpu_threads`) and the full-resolution work goes over cache-sized chunks of
-the batch (:data:`CHUNK_BYTES`): smoothing, normalising and pooling each chunk's maps into a
-buffer, then, once the shifts are known and all partners gathered, each chunk's translated
-partner maps (one window gather), mask, blend and gamma. The gathered partners, the smoothed
-maps and the other temporaries are scratch tensors kept between calls
-(:meth:`mixing.base.Mixer._scratch`); the returned mask is the one new batch-sized tensor.
-
 For large images the search runs on the smoothed maps area-downsampled by an integer factor f
 (at most ``search_size`` pixels a side); candidates are shifts on that grid, applied times f at
-full resolution. Images up to ``full_res_search`` pixels are searched at full resolution.
+full resolution (for 224 px this picks the full-resolution search's shift for nearly every
+pair: ``docs/design/mixing.md``). Images up to ``full_res_search`` pixels are searched at full
+resolution.
 
-Why ``search_size=32`` for ImageNet (224 px: f = 7, 39 candidates per batch): on synthetic
-gradient-like maps (1-3 Gaussian blobs times |N(0, 1)| speckle, 2 x 192 pairs), the shift chosen
-on the 32 px grid is the best of the same candidates scored at full resolution for 98.4-99.0 %
-of pairs, and scores on average 0.99999 (worst 0.9977) of that best. The 56 px grid (f = 4,
-123 candidates) is no closer in the mean (0.99999, worst 0.9992) and its search costs ~10x.
+How it runs, with the same formulas: on the CPU the mix uses one intra-op thread, the
+full-resolution work goes over cache-sized chunks of the batch (:data:`CHUNK_BYTES`) and the
+temporaries are scratch tensors kept between calls (:mod:`mixing.fastpath`); only the order of
+some float32 sums in the search differs from a per-map sum (~2e-7 relative). The candidate
+shifts are read on the host from the CPU generator's draws; nothing reads a device value.
 """
 from __future__ import annotations
 
@@ -58,8 +51,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .base import (MixResult, Mixer, check_batch, check_perm, check_saliency, cpu_threads,
-                   generator_device, new_empty, random_perm)
+from .base import (MixResult, Mixer, check_batch, check_perm, check_saliency, generator_device,
+                   is_int, random_perm, random_uniform, to_device)
+from .fastpath import cpu_threads, new_empty
 
 ZETA = 1e-16
 """Clamp on the mask's denominator (the authors' value)."""
@@ -77,8 +71,8 @@ def gaussian_kernel1d(kernel_size: int, sigma: float, device: torch.device | Non
 def smooth(saliency: torch.Tensor, kernel_size: int = 5, sigma: float = 1.0) -> torch.Tensor:
     """Gaussian-blur each map of (N, H, W) with reflect padding, as ``GaussianBlur`` does.
 
-    One depthwise convolution with the maps as channels: on CPU several times faster than a
-    one-channel convolution over a batch of maps.
+    One depthwise convolution with the maps as channels (on the CPU faster than a one-channel
+    convolution over a batch of maps).
     """
     n = saliency.shape[0]
     pad = kernel_size // 2
@@ -94,20 +88,20 @@ def normalize_(saliency: torch.Tensor, out: torch.Tensor | None = None) -> torch
     out = saliency if out is None else out
     total = saliency.sum(dim=(1, 2), keepdim=True)
     empty = total == 0
-    torch.div(saliency, total.masked_fill_(empty, 1.0), out=out)
-    if empty.any():              # a boolean index costs a pass even when it selects nothing
-        out[empty.flatten()] = 1.0 / saliency[0].numel()
-    return out
+    uniform = empty.to(saliency.dtype).mul_(1.0 / saliency[0].numel())  # 1/(hw) if empty, else 0
+    # uniform + saliency / total in one pass; no host-side test of which maps are empty
+    return torch.addcdiv(uniform, saliency, total.masked_fill_(empty, 1.0), out=out)
 
 
 def random_shifts(h: int, w: int, fraction: float, generator: torch.Generator | None = None,
                   device: torch.device | None = None) -> torch.Tensor:
     """A random ``fraction`` (at least one) of the (2h-1)(2w-1) shifts of an h x w grid: (K, 2)
-    int64 (dy, dx), without repeats."""
+    int64 (dy, dx), without repeats, drawn on the generator's device and returned on
+    ``device`` (default: there)."""
     ny, nx = 2 * h - 1, 2 * w - 1
     k = max(1, int(fraction * ny * nx))
     index = torch.randperm(ny * nx, generator=generator, device=generator_device(generator))
-    index = index[:k].to(device)
+    index = index[:k] if device is None else to_device(index[:k], torch.device(device))
     return torch.stack((index // nx - (h - 1), index % nx - (w - 1)), dim=1)
 
 
@@ -141,13 +135,14 @@ def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tenso
     harmonic = s0.new_empty(len(shifts), n)
     work = scratch("work", (s0.numel(),), s0.dtype)
     row = w * n                                  # one view per operand: fewer calls per candidate
-    for out, (dy, dx) in zip(harmonic.unbind(0), shifts.tolist()):
+    for out, (dy, dx) in zip(harmonic.unbind(0), shifts.cpu().tolist()):
         rows, run = h - abs(dy), (w - abs(dx)) * n
         a = inv0.as_strided((rows, run), (row, 1), inv0.storage_offset() + max(dy, 0) * row + max(dx, 0) * n)
         b = inv1.as_strided((rows, run), (row, 1), inv1.storage_offset() + max(-dy, 0) * row + max(-dx, 0) * n)
         pair = torch.add(a, b, out=work.as_strided((rows, run), (run, 1))).reciprocal_()
         torch.sum(pair.view(-1, n), dim=0, out=out)
-    return s0.sum(dim=(1, 2))[:, None] + mass_in_frame(s1, shifts, scratch) - 2 * harmonic.T
+    mass = mass_in_frame(s1, to_device(shifts, s0.device), scratch)
+    return s0.sum(dim=(1, 2))[:, None] + mass - 2 * harmonic.T
 
 
 def _pixels_outer(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -196,7 +191,7 @@ def shifted_partner(x: torch.Tensor, perm: torch.Tensor, shift: torch.Tensor,
         out = windows[start]
     else:
         torch.index_select(windows, 0, start, out=out)
-    ends = torch.argsort(perm)[[0, -1]]           # the images whose partner is x[0] or x[-1]
+    ends = torch.argsort(perm)[::max(n - 1, 1)]   # the images whose partner is x[0] or x[-1]
     out[ends] = _index_gather(x, perm[ends], shift[ends])
     return out
 
@@ -268,11 +263,11 @@ class SAGE(Mixer):
             raise ValueError(f"search_fraction must lie in (0, 1], got {search_fraction}")
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
-        if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
+        if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
-        if search_size is not None and not (_is_int(search_size) and search_size >= 1):
+        if search_size is not None and not (is_int(search_size) and search_size >= 1):
             raise ValueError(f"search_size must be a positive int or None, got {search_size!r}")
-        if not _is_int(full_res_search) or full_res_search < 0:
+        if not is_int(full_res_search) or full_res_search < 0:
             raise ValueError(f"full_res_search must be an int >= 0, got {full_res_search!r}")
         self.u, self.sigma, self.kernel_size = float(u), float(sigma), kernel_size
         self.search_fraction, self.search_size = float(search_fraction), search_size
@@ -313,7 +308,7 @@ class SAGE(Mixer):
 
     def _lam(self, lam: float | None, generator: torch.Generator | None) -> float:
         if lam is None:
-            return self.u * torch.rand((), generator=generator, device=generator_device(generator)).item()
+            return self.u * random_uniform(generator)
         lam = float(lam)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
@@ -350,16 +345,16 @@ class SAGE(Mixer):
         if grid is None:
             return torch.zeros(n, 2, dtype=torch.int64, device=perm.device)
         gh, gw = grid.shape[-2:]
-        if shifts is None:
-            shifts = random_shifts(gh, gw, self.search_fraction, generator, grid.device)
+        if shifts is None:  # drawn on the generator's device: the CPU's for a CPU generator
+            shifts = random_shifts(gh, gw, self.search_fraction, generator)
         else:
-            shifts = _check_shifts(shifts, gh, gw, grid.device)
+            shifts = _check_shifts(shifts, gh, gw)
         def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             return self._scratch(f"search_{name}", shape, dtype, grid.device)
         s0 = torch.mul(grid, w0, out=scratch("s0", tuple(grid.shape), grid.dtype))
         s1 = torch.index_select(grid, 0, perm, out=scratch("s1", tuple(grid.shape), grid.dtype)).mul_(w1)
         scores = rearrangement_scores(s0, s1, shifts, scratch)
-        return shifts[scores.argmax(dim=1)] * factor
+        return to_device(shifts, grid.device)[scores.argmax(dim=1)] * factor
 
     def _mask_and_blend(self, x: torch.Tensor, padded: torch.Tensor, perm: torch.Tensor,
                         shift: torch.Tensor, w0: float, w1: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,8 +366,8 @@ class SAGE(Mixer):
         maps (out of frame it reads margin or neighbouring maps, which the frame zeroing
         multiplies by 0), then M, the blend weight ``1 - M`` and gamma stay in cache. For a
         channels-last batch on the CPU the weight is first copied out across the channels: a
-        lerp with a per-pixel weight broadcast over 3 innermost channel values runs ~4x slower
-        than with a dense one (205 vs 51 ms at 224 px, batch 256; the copy costs ~40).
+        lerp with a per-pixel weight broadcast over 3 innermost channel values runs several times
+        slower than with a dense one, by more than the copy costs.
         """
         n, c, h, w = x.shape
         lanes = x.device.type == "cpu" and c > 1 and not x.is_contiguous() \
@@ -407,21 +402,19 @@ class SAGE(Mixer):
         return mask, gamma
 
 
-def _check_shifts(shifts: torch.Tensor, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Validate an explicit candidate set: (K >= 1, 2) integer (dy, dx) on the h x w grid."""
+def _check_shifts(shifts: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Validate an explicit candidate set, (K >= 1, 2) integer (dy, dx) on the h x w grid, and
+    return it on the CPU (where the search reads it)."""
     if not isinstance(shifts, torch.Tensor) or shifts.dim() != 2 or shifts.shape[0] < 1 \
             or shifts.shape[1] != 2:
         raise ValueError(f"shifts must be a (K >= 1, 2) tensor of (dy, dx), got "
                          f"{tuple(getattr(shifts, 'shape', ())) or type(shifts).__name__}")
     if shifts.is_floating_point() or shifts.is_complex() or shifts.dtype == torch.bool:
         raise ValueError(f"shifts must be integer pixel offsets, got {shifts.dtype}")
-    shifts = shifts.to(device=device, dtype=torch.int64)
+    shifts = shifts.to(device="cpu", dtype=torch.int64)
     if (shifts[:, 0].abs() >= h).any() or (shifts[:, 1].abs() >= w).any():
         lo, hi = shifts.min(dim=0).values.tolist(), shifts.max(dim=0).values.tolist()
         raise ValueError(f"shifts must lie within +-{h - 1} (dy) and +-{w - 1} (dx) on the "
                          f"{h} x {w} search grid, got dy in [{lo[0]}, {hi[0]}], dx in [{lo[1]}, {hi[1]}]")
     return shifts
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

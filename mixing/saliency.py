@@ -16,6 +16,8 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from .fastpath import cpu_channel_norm
+
 GradientReduction = Literal["mean_abs", "l2"]
 GRADIENT_REDUCTIONS = ("mean_abs", "l2")
 
@@ -101,7 +103,7 @@ class FeatureSaliency:
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             raise ValueError(f"feature layer {self.layer!r} must output a (N, C, h, w) tensor, got "
                              f"{getattr(output, 'shape', type(output).__name__)}")
-        self._map = torch.linalg.vector_norm(output.detach(), 1, dim=1, dtype=torch.float32)
+        self._map = channel_norm(output.detach(), 1)
 
     @contextmanager
     def capture(self) -> Iterator[None]:
@@ -142,5 +144,17 @@ def gradient_saliency(grad: torch.Tensor, reduction: GradientReduction = "mean_a
     if grad.dim() != 4:
         raise ValueError(f"input gradient must be (N, C, H, W), got {tuple(grad.shape)}")
     if reduction == "l2":
-        return torch.linalg.vector_norm(grad, 2, dim=1, dtype=torch.float32)
-    return torch.linalg.vector_norm(grad, 1, dim=1, dtype=torch.float32).div_(grad.shape[1])
+        return channel_norm(grad, 2)
+    return channel_norm(grad, 1).div_(grad.shape[1])
+
+
+def channel_norm(t: torch.Tensor, ord: int) -> torch.Tensor:
+    """``sum_c |t_c|`` (ord 1) or ``sqrt(sum_c t_c^2)`` (ord 2) of (N, C, h, w): (N, h, w)
+    float32, accumulated in float32 for any float dtype and either layout.
+
+    Off the CPU one fused reduction (it reads float16/bfloat16 directly); on the CPU, where
+    that kernel is slow, plain ops (:func:`mixing.fastpath.cpu_channel_norm`).
+    """
+    if t.device.type == "cpu":
+        return cpu_channel_norm(t, ord)
+    return torch.linalg.vector_norm(t, ord, dim=1, dtype=torch.float32)

@@ -13,6 +13,10 @@ mixed pass**; the SAGE paper writes ``g = eta * g_s + (1 - eta) * g_a`` with eta
 Mixup, CutMix and ``mixer=None`` take one pass; ``mix=False`` (warm-up epochs) is a plain pass
 on label-smoothed one-hot targets. The step only accumulates ``.grad``: the caller zeroes
 gradients, unscales/clips, calls ``optimizer.step()`` and updates the scaler.
+
+Nothing in the step reads a device value on the host: pass a CPU ``generator`` for the
+mixer's draws (:mod:`mixing.base`); the labels are checked once per step (their value range
+on the CPU only).
 """
 from __future__ import annotations
 
@@ -21,16 +25,17 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import FLOAT_DTYPES, MixResult, Mixer, check_batch, check_labels, soft_target_cross_entropy
+from .base import (FLOAT_DTYPES, MixResult, Mixer, check_batch, check_labels, labels_checked,
+                   one_hot_targets, soft_target_cross_entropy)
 from .saliency import GRADIENT_REDUCTIONS, FeatureSaliency, GradientReduction, gradient_saliency
 
 Stage = Callable[[str], ContextManager]
 
 
-def _no_stage(name: str) -> ContextManager:
+def no_stage(name: str) -> ContextManager:
+    """The stage callable that does nothing (a step's default ``stage``)."""
     return contextlib.nullcontext()
 
 
@@ -112,14 +117,15 @@ class TwoPassStep:
         "saliency" (captured features/gradients to maps), "mix" (the mixer) and "mixed"
         (mixed forward+backward); a single-pass step has "mix" and "mixed", an unmixed one "clean".
         """
-        stage = stage or _no_stage
+        stage = stage or no_stage
         if self.mixer is None or not mix or (self.mixer.two_pass and self.eta == 0):
             return self._plain(images, labels, stage)
         check_batch(images, labels, self.mixer.num_classes)
-        if self.mixer.two_pass:
-            return self._two_pass(images, labels, generator, stage)
-        with stage("mix"):
-            result = self.mixer.mix(images, labels, generator=generator)
+        with labels_checked(labels, self.mixer.num_classes):
+            if self.mixer.two_pass:
+                return self._two_pass(images, labels, generator, stage)
+            with stage("mix"):
+                result = self.mixer.mix(images, labels, generator=generator)
         with stage("mixed"):
             logits, loss = self._pass(images, result.targets, weight=1.0)
         return StepOutput(loss, None, loss, logits, result, None)
@@ -159,7 +165,7 @@ class TwoPassStep:
                         clean_logits, clean_loss = self._forward(images, targets)
         with stage("saliency"):
             if gradient:  # grad is that of scale * w * loss: w = 1 - eta, or 1 for autograd.grad
-                factor = self._scale(torch.tensor(1 - eta if eta < 1 else 1.0, device=images.device))
+                factor = self._scale(torch.full((), 1 - eta if eta < 1 else 1.0, device=images.device))
                 saliency = gradient_saliency(grad, self.gradient_reduction).div_(factor)
             else:
                 saliency = self.features.pop()
@@ -216,8 +222,7 @@ class TwoPassStep:
     def _one_hot(self, labels: torch.Tensor, images: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Label-smoothed one-hot targets (N, K), float32."""
         check_labels(labels, images.shape[0], images.device, num_classes)
-        smoothing = self.label_smoothing
-        return F.one_hot(labels.long(), num_classes).float().mul_(1 - smoothing).add_(smoothing / num_classes)
+        return one_hot_targets(labels, num_classes, self.label_smoothing)
 
     def remove(self) -> None:
         """Take the feature hook off the model."""
