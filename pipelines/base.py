@@ -9,20 +9,35 @@ A loader yields ``(images, labels)`` already on the training device:
 ``len(loader)`` is the number of batches per epoch on this rank, and ``set_epoch(e)`` applies
 epoch ``e``'s resolution, batch size and shuffling seed before the next iteration.
 
-Train mode: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) and horizontal flip, sharded so
-that every rank yields the same number of batches (``drop_last``). Validation mode: resize the
-shorter side to ``res / 0.875`` and centre-crop ``res``; every rank yields each sample of its
-shard exactly once, with no padding, so metrics summed over ranks count every image once.
+Train mode: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) and horizontal flip. Validation
+mode: resize the shorter side to ``res / 0.875`` and centre-crop ``res``.
+
+**Sharding** (:meth:`Shard.split`, the one rule every backend follows). ``N`` samples over ``W``
+ranks, rank ``r``, batch size ``bs``:
+
+- train: epoch ``e``'s order is one global permutation, ``default_rng((seed, e))``, the same on
+  every rank (so class-sorted folders give mixed batches); rank ``r`` takes its positions
+  ``[r * (N // W), (r + 1) * (N // W))``. Every rank has the same ``N // W`` samples, no sample
+  is read twice in an epoch (no padding) and the ``N % W`` left over differ from epoch to epoch.
+- validation: rank ``r`` takes the contiguous block ``[r * N // W, (r + 1) * N // W)`` of the
+  ImageFolder order, in order: every sample exactly once over the ranks, so metrics summed over
+  ranks count every image once (a rank may have one sample more than another, or none).
+- batches: ``n // bs`` with ``drop_last`` (the default in training: every rank yields the same
+  number of full batches), else ``ceil(n / bs)`` with a partial last batch (the default in
+  validation), ``n`` being the rank's sample count. A training split that leaves a rank no
+  batch is an error.
 """
 from __future__ import annotations
 
 import abc
+import math
 import os
 import weakref
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 
 from .resolution import ResolutionSchedule, schedule_from_dict
@@ -37,7 +52,8 @@ VAL_CROP_RATIO = 0.875
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 
-FLOAT_DTYPES = {
+#: Names :func:`as_float_dtype` accepts for each output dtype.
+DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -50,10 +66,33 @@ def val_resize(res: int) -> int:
 
 
 def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
+    """``cuda:<local rank>`` (:meth:`Shard.from_env`) when CUDA is present, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", Shard.from_env().local_rank)
     return torch.device("cpu")
+
+
+def cpu_share() -> int:
+    """The CPUs this process may use, shared among the ranks of this node (``torchrun`` sets
+    ``LOCAL_WORLD_SIZE``): every backend's default worker count."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def resolve_workers(num_workers: int | None, *, allow_zero: bool = False,
+                    limit: int | None = None, limit_name: str = "the limit") -> int:
+    """A backend's worker count: ``num_workers`` checked (positive, or also 0 with
+    ``allow_zero``; at most ``limit``, called ``limit_name`` in the error), or by default
+    :func:`cpu_share` capped at ``limit``."""
+    if num_workers is None:
+        return min(cpu_share(), limit or cpu_share())
+    if (not isinstance(num_workers, int) or isinstance(num_workers, bool)
+            or num_workers < (0 if allow_zero else 1)):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"num_workers must be {kind} int or None, got {num_workers!r}")
+    if limit is not None and num_workers > limit:
+        raise ValueError(f"num_workers={num_workers} exceeds {limit_name}={limit}")
+    return num_workers
 
 
 def as_float_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -61,30 +100,116 @@ def as_float_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in (torch.float32, torch.float16, torch.bfloat16):
             return dtype
-    elif dtype in FLOAT_DTYPES:
-        return FLOAT_DTYPES[dtype]
+    elif dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
     raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+
+
+#: Environment variables of a launcher: (rank, world size, local rank), first match wins.
+LAUNCHER_ENV = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),                # torchrun
+                ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))   # srun
 
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's place among the data-parallel ranks."""
+    """This process's place among the data-parallel ranks: its global ``rank`` of
+    ``world_size``, and its ``local_rank`` on this node (the GPU it uses)."""
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
 
     def __post_init__(self) -> None:
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"bad shard: rank {self.rank} of world size {self.world_size}")
+        fields = (self.rank, self.world_size, self.local_rank)
+        if (not all(isinstance(v, int) and not isinstance(v, bool) for v in fields)
+                or self.world_size < 1 or not 0 <= self.rank < self.world_size
+                or not 0 <= self.local_rank < self.world_size):
+            raise ValueError(f"bad shard: rank {self.rank!r} (local rank {self.local_rank!r}) "
+                             f"of world size {self.world_size!r}")
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the one that writes files and prints."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Shard":
+        """The shard a launcher describes: torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+        else SLURM's ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, else a single
+        process. A launcher's variables that are missing or not integers are an error naming
+        them."""
+        environ = os.environ if environ is None else environ
+        for names in LAUNCHER_ENV:
+            if not any(name in environ for name in names[:2]):
+                continue
+            values = []
+            for name, default in zip(names, (None, None, "0")):
+                text = environ.get(name, default)
+                if text is None or not text.strip().isdigit():
+                    raise ValueError(f"environment variable {name}={text!r}: expected a "
+                                     f"non-negative integer (set with {', '.join(names)})")
+                values.append(int(text))
+            return cls(*values)
+        return cls()
 
     @classmethod
     def current(cls) -> "Shard":
-        """The rank and world size of the initialised process group, else a single shard."""
+        """The rank and world size of the initialised process group (the local rank from
+        :meth:`from_env`), else a single shard."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
+            world, local = dist.get_world_size(), cls.from_env().local_rank
+            return cls(dist.get_rank(), world, local if local < world else 0)
         return cls()
+
+    def split(self, num_samples: int, batch_size: int, *, train: bool,
+              drop_last: bool | None = None) -> "ShardSplit":
+        """This rank's part of ``num_samples`` samples and its batch count: the one sharding
+        rule of every backend (see the module docstring). ``drop_last`` defaults to ``train``.
+        Raises if a training split leaves this rank no batch."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        n, r, w = num_samples, self.rank, self.world_size
+        drop_last = train if drop_last is None else bool(drop_last)
+        start, stop = (r * (n // w), (r + 1) * (n // w)) if train else (r * n // w, (r + 1) * n // w)
+        count = stop - start
+        batches = count // batch_size if drop_last else math.ceil(count / batch_size)
+        if train and batches == 0:
+            raise ValueError(f"no batch of {batch_size} on rank {r} of {w}: each rank trains on "
+                             f"{count} of the {n} samples (drop_last={drop_last})")
+        return ShardSplit(n, start, stop, batch_size, batches, train)
+
+
+@dataclass(frozen=True)
+class ShardSplit:
+    """One rank's part of an epoch (:meth:`Shard.split`): positions ``[start, stop)`` of the
+    epoch's order of all ``total`` samples (training: a permutation of ``(seed, epoch)``;
+    validation: the dataset order), cut into ``num_batches`` batches of ``batch_size``.
+    ``len()`` is the rank's sample count."""
+
+    total: int
+    start: int
+    stop: int
+    batch_size: int
+    num_batches: int
+    train: bool
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def indices(self, seed: int, epoch: int) -> np.ndarray:
+        """This rank's dataset indices in ``epoch``, in delivery order (all its positions,
+        also those a dropped last batch leaves out)."""
+        if self.train:
+            order = np.random.default_rng([seed, epoch]).permutation(self.total)
+            return order[self.start:self.stop]
+        return np.arange(self.start, self.stop)
+
+    def batches(self, seed: int, epoch: int) -> list[np.ndarray]:
+        """``indices(seed, epoch)`` cut into the ``num_batches`` batches."""
+        order, bs = self.indices(seed, epoch), self.batch_size
+        return [order[b * bs:(b + 1) * bs] for b in range(self.num_batches)]
 
 
 @dataclass(frozen=True)
@@ -147,12 +272,17 @@ def _norm_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Ten
 
 
 class Loader(abc.ABC):
-    """Base class of the salmix loaders: epoch bookkeeping and the resolution schedule.
+    """Base class of the salmix loaders: epoch bookkeeping, the resolution schedule, the shard.
 
-    Subclasses implement ``__iter__`` and ``__len__`` and read ``self.resolution`` and
-    ``self.batch_size`` (both follow ``set_epoch``). Validation loaders are given a fixed
-    resolution (an int).
+    Subclasses set ``source`` (what errors name) and ``num_samples`` (the whole split), then
+    call ``len(self)`` to refuse a training split too small for one batch; they implement
+    ``__iter__`` and read ``self.resolution``, ``self.batch_size`` (both follow ``set_epoch``)
+    and ``self.split_at(epoch)``. Validation loaders are given a fixed resolution (an int).
+    ``drop_last`` defaults to ``train``.
     """
+
+    source: object
+    num_samples: int
 
     def __init__(
         self,
@@ -163,6 +293,7 @@ class Loader(abc.ABC):
         output: OutputSpec | None = None,
         shard: Shard | None = None,
         seed: int = 0,
+        drop_last: bool | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -171,6 +302,7 @@ class Loader(abc.ABC):
         self.output = output or OutputSpec()
         self.shard = shard or Shard.current()
         self.seed = seed
+        self.drop_last = train if drop_last is None else bool(drop_last)
         self._default_batch_size = batch_size
         self.epoch = 0
 
@@ -192,6 +324,17 @@ class Loader(abc.ABC):
         """The batch size of ``epoch``: its phase's, else the loader's."""
         return self.schedule.batch_size(epoch) or self._default_batch_size
 
+    def split_at(self, epoch: int) -> ShardSplit:
+        """This rank's samples and batches in ``epoch`` (:meth:`Shard.split`)."""
+        try:
+            return self.shard.split(self.num_samples, self.batch_size_at(epoch),
+                                    train=self.train, drop_last=self.drop_last)
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e}") from None
+
+    def __len__(self) -> int:
+        return self.split_at(self.epoch).num_batches
+
     def _epoch_key(self, epoch: int) -> tuple:
         """What ``epoch`` yields: in training its own order and crops, in validation only its
         size and batch size. Loaders that decode ahead into the next epoch compare keys to
@@ -201,9 +344,6 @@ class Loader(abc.ABC):
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-    @abc.abstractmethod
-    def __len__(self) -> int: ...
 
 
 def chain_epochs(epoch_batches: Callable[[int], list | None], first: int) -> Iterator:

@@ -21,13 +21,11 @@ Two things FFCV does not give and this module adds:
 - **Reproducible augmentation.** FFCV draws crops and flips from numba's per-thread generators,
   so they change from run to run whatever the seed. :class:`SeededRandomResizedCropFlip` seeds
   every sample from the loader seed and its batch (whose content follows from seed and epoch).
-- **Sharding for an explicit rank.** FFCV's ``distributed=True`` builds a ``DistributedSampler``
-  from the process group. :class:`ShardedRandom` is the same sampler with the rank and world size
-  of a :class:`~pipelines.base.Shard`: ``ceil(N / world_size)`` samples per rank, the first
-  ``world_size * ceil(N / world_size) - N`` of each epoch's permutation repeated as padding, and
-  ``drop_last`` keeps full batches only, so every rank yields the same number of batches.
-  Validation does not use FFCV's distributed mode, which pads the same way (counting some images
-  twice): each rank reads ``indices=range(rank, N, world_size)`` in order, without padding.
+- **Sharding for an explicit rank, by the shared rule.** FFCV's ``distributed=True`` builds a
+  padded ``DistributedSampler`` from the process group (some images twice per epoch). Instead
+  the shards are :meth:`pipelines.base.Shard.split`'s: in training :class:`ShardedRandom`
+  gives each rank its slice of the epoch's permutation, in validation each rank reads its
+  contiguous block (``indices=``) in order; FFCV's ``drop_last`` counts batches the same way.
 
 Batches live in FFCV's buffers, which are reused: a batch stays valid while the next
 ``batches_ahead + 1`` are drawn (clone it to keep it longer). numba may print an ignored
@@ -61,10 +59,9 @@ from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.writer import DatasetWriter
 from PIL import Image
-from torch.utils.data import DistributedSampler
 
 from .base import (IMAGENET_MEAN_255, IMAGENET_STD_255, RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO,
-                   Loader, OutputSpec, Shard)
+                   Loader, OutputSpec, Shard, resolve_workers)
 from .imagefolder import ImageFolderIndex, scan_image_folder
 from .resolution import ResolutionSchedule
 
@@ -78,7 +75,7 @@ class UndecodableImageError(ValueError):
     """Images of an ImageFolder split could not be decoded; no ``.beton`` was written."""
 
 
-def load_rgb(path: str) -> np.ndarray:
+def load_rgb_array(path: str) -> np.ndarray:
     """Decode ``path`` to an ``H x W x 3`` uint8 array (CMYK, grayscale, PNG... become RGB)."""
     try:
         with Image.open(path) as image:
@@ -103,7 +100,7 @@ class _DecodedImages:
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[i]
         try:
-            return load_rgb(path), label
+            return load_rgb_array(path), label
         except UndecodableImageError:
             return _FAILED
 
@@ -142,7 +139,7 @@ def write_beton(
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        writer = DatasetWriter(str(tmp), fields, num_workers=_workers(num_workers))
+        writer = DatasetWriter(str(tmp), fields, num_workers=resolve_workers(num_workers))
         if progress:
             print(f"writing {len(index)} images of {index.root} to {path}", file=sys.stderr)
         # FFCV's writer always draws a tqdm bar on stderr: progress=False sends it nowhere.
@@ -197,7 +194,7 @@ def _raise_for_failures(reader: Reader, index: ImageFolderIndex) -> None:
     for i in failed[:20]:
         path = index.samples[i][0]
         try:
-            load_rgb(path)
+            load_rgb_array(path)
             reasons.append(f"cannot decode image {path} in a writer process")
         except UndecodableImageError as e:
             reasons.append(str(e))
@@ -323,11 +320,9 @@ class SeededRandomResizedCropFlip(RandomResizedCropRGBImageDecoder):
 
 
 class ShardedRandom(TraversalOrder):
-    """FFCV's ``distributed=True`` RANDOM order for an explicit :class:`Shard`.
-
-    The same ``DistributedSampler(indices, shuffle=True, seed, drop_last=False)`` FFCV builds,
-    with ``num_replicas`` and ``rank`` given instead of read from the process group, so it
-    needs none. FFCV binds an order given as an instance by calling it with its loader.
+    """The training order of :meth:`pipelines.base.Shard.split` as an FFCV traversal order:
+    ``shard``'s slice of each epoch's permutation of ``(seed, epoch)``, with no process group.
+    FFCV binds an order given as an instance by calling it with its loader.
     """
 
     def __init__(self, shard: Shard) -> None:  # TraversalOrder.__init__ runs in __call__
@@ -335,14 +330,12 @@ class ShardedRandom(TraversalOrder):
 
     def __call__(self, loader: _FfcvLoader) -> "ShardedRandom":
         super().__init__(loader)
-        self.sampler = DistributedSampler(self.indices, num_replicas=self.shard.world_size,
-                                          rank=self.shard.rank, shuffle=True, seed=self.seed,
-                                          drop_last=False)
+        self.split = self.shard.split(len(self.indices), loader.batch_size, train=True,
+                                      drop_last=loader.drop_last)
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        self.sampler.set_epoch(epoch)
-        return self.indices[np.fromiter(self.sampler, dtype=np.int64)]
+        return self.indices[self.split.indices(self.seed, epoch)]
 
 
 # --- the loader -------------------------------------------------------------------------------
@@ -372,15 +365,17 @@ class FfcvLoader(Loader):
         batches_ahead: int = 3,
     ) -> None:
         super().__init__(train=train, batch_size=batch_size, resolution=resolution,
-                         output=output, shard=shard, seed=seed)
+                         output=output, shard=shard, seed=seed, drop_last=drop_last)
         if not isinstance(batches_ahead, int) or batches_ahead < 1:
             raise ValueError(f"batches_ahead must be a positive int, got {batches_ahead!r}")
-        self.path = Path(source)
+        # FFCV's loader threads are numba threads: at most NUMBA_NUM_THREADS.
+        self.num_workers = resolve_workers(num_workers, limit=numba.config.NUMBA_NUM_THREADS,
+                                           limit_name="numba's thread limit NUMBA_NUM_THREADS")
+        self.path = self.source = Path(source)
         reader = read_beton(self.path)
         self.num_samples = int(reader.num_samples)
         self.num_classes = int(_labels(reader).max()) + 1
-        self.num_workers = _workers(num_workers, limit=numba.config.NUMBA_NUM_THREADS)
-        self.drop_last = train if drop_last is None else drop_last
+        len(self)  # a training split too small for one batch fails here, not in the trainer
         self.os_cache = os_cache
         self.batches_ahead = batches_ahead
         self._gpu = self.output.device.type == "cuda"
@@ -389,10 +384,8 @@ class FfcvLoader(Loader):
         self._loader: _FfcvLoader | None = None
         self._decoder: Operation | None = None
 
-    def __len__(self) -> int:
-        return len(self._current_loader())
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        len(self)  # this epoch's batch size may leave no batch
         loader = self._current_loader()
         self._decoder.output_size = (self.resolution, self.resolution)
         loader.next_epoch = self.epoch
@@ -404,10 +397,6 @@ class FfcvLoader(Loader):
         """The FFCV loader for this epoch's batch size (built anew when it changes)."""
         if self._loader is None or self._loader.batch_size != self.batch_size:
             self._loader = self._build(self.batch_size)
-            if len(self._loader) == 0:
-                raise ValueError(f"{self.path}: no batch of {self.batch_size} on rank "
-                                 f"{self.shard.rank} of {self.shard.world_size} "
-                                 f"({self.num_samples} samples, drop_last={self.drop_last})")
         return self._loader
 
     def _build(self, batch_size: int) -> _FfcvLoader:
@@ -421,7 +410,8 @@ class FfcvLoader(Loader):
         else:
             self._decoder = CenterCropRGBImageDecoder(res, ratio=VAL_CROP_RATIO)
             order = OrderOption.SEQUENTIAL
-            indices = np.arange(self.shard.rank, self.num_samples, self.shard.world_size, dtype=np.uint64)
+            split = self.split_at(self.epoch)
+            indices = np.arange(split.start, split.stop, dtype=np.uint64)
         return _FfcvLoader(
             str(self.path), batch_size=batch_size, num_workers=self.num_workers,
             os_cache=self.os_cache, order=order, seed=self.seed, indices=indices,
@@ -453,19 +443,5 @@ def _batches(epoch: Iterator, finish: Callable[[torch.Tensor], torch.Tensor]
         epoch.close()  # stops FFCV's thread if the epoch is abandoned
 
 
-def _workers(num_workers: int | None, limit: int | None = None) -> int:
-    """``num_workers`` checked, or by default this process's share of the CPUs (``torchrun``
-    sets ``LOCAL_WORLD_SIZE``). FFCV's loader threads are numba threads: at most ``limit``."""
-    if num_workers is None:
-        share = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        return max(1, min(limit or share, share))
-    if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
-    if limit is not None and num_workers > limit:
-        raise ValueError(f"num_workers={num_workers} exceeds numba's thread limit "
-                         f"NUMBA_NUM_THREADS={limit}")
-    return num_workers
-
-
 __all__ = ["FfcvLoader", "SeededRandomResizedCropFlip", "ShardedRandom", "UndecodableImageError",
-           "WRITE_MODES", "ensure_beton", "load_rgb", "read_beton", "write_beton"]
+           "WRITE_MODES", "ensure_beton", "load_rgb_array", "read_beton", "write_beton"]

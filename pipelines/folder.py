@@ -19,28 +19,23 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
-from .base import RRC_RATIO, RRC_SCALE, Loader, OutputSpec, Shard, chain_epochs, val_resize
+from .base import (RRC_RATIO, RRC_SCALE, Loader, OutputSpec, Shard, chain_epochs,
+                   resolve_workers, val_resize)
 from .imagefolder import scan_image_folder
 from .resolution import ResolutionSchedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def default_num_workers() -> int:
-    """The CPUs this process may use, shared among the ranks on this node."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def load_rgb(path: str) -> Image.Image:
+def load_pil_rgb(path: str) -> Image.Image:
     """Decode ``path`` to an RGB image; any failure is a RuntimeError naming the file.
 
     Images of more than 8 bits per channel are refused: PIL's RGB conversion would clip them.
@@ -92,7 +87,7 @@ class Samples(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         i, res, epoch = key
         path, label = self.samples[i]
-        img = load_rgb(path)
+        img = load_pil_rgb(path)
         if self.train:
             rng = np.random.default_rng((self.seed, epoch, i))
             top, left, h, w = random_resized_crop_box(img.width, img.height, rng)
@@ -116,10 +111,8 @@ class _Stream:
 class FolderLoader(Loader):
     """ImageFolder split -> normalised ``(images, labels)`` batches on ``output.device``.
 
-    Train: ``DistributedSampler`` shuffling (reproducible from ``seed`` and the epoch), padded
-    by at most ``world_size - 1`` repeated samples so that every rank has ``ceil(N / world)``
-    samples and the same number of batches. Validation: rank ``r`` reads the contiguous block
-    ``[N*r // world, N*(r+1) // world)`` once, in order, without padding.
+    Shards and batch counts follow :meth:`pipelines.base.Shard.split`. ``num_workers``: the
+    DataLoader's worker processes (0: decode in this process).
     """
 
     def __init__(
@@ -136,54 +129,20 @@ class FolderLoader(Loader):
         drop_last: bool | None = None,
     ) -> None:
         super().__init__(train=train, batch_size=batch_size, resolution=resolution,
-                         output=output, shard=shard, seed=seed)
-        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
-            raise ValueError(f"num_workers must be a non-negative int or None, got {num_workers!r}")
+                         output=output, shard=shard, seed=seed, drop_last=drop_last)
+        self.num_workers = resolve_workers(num_workers, allow_zero=True)
         self.index = scan_image_folder(source)
+        self.source = self.index.root
         self.num_classes = len(self.index.classes)
         self.num_samples = len(self.index)
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.drop_last = train if drop_last is None else bool(drop_last)
-        self._check_batches()
+        len(self)  # a training split too small for one batch fails here, not in the trainer
         self._stream: _Stream | None = None
-
-    def _val_block(self) -> range:
-        n, rank, world = self.num_samples, self.shard.rank, self.shard.world_size
-        return range(n * rank // world, n * (rank + 1) // world)
-
-    def _shard_samples(self) -> int:
-        if self.train:
-            return math.ceil(self.num_samples / self.shard.world_size)
-        return len(self._val_block())
-
-    def _num_batches(self, epoch: int) -> int:
-        n, bs = self._shard_samples(), self.batch_size_at(epoch)
-        return n // bs if self.drop_last else math.ceil(n / bs)
-
-    def __len__(self) -> int:
-        return self._num_batches(self.epoch)
-
-    def _check_batches(self) -> None:
-        if self.train and len(self) == 0:
-            raise ValueError(
-                f"batch size {self.batch_size} with drop_last leaves no batch: rank "
-                f"{self.shard.rank} has {self._shard_samples()} of the {self.num_samples} samples "
-                f"in {self.index.root}")
-
-    def _order(self, epoch: int) -> Iterable[int]:
-        """This rank's sample indices in ``epoch``."""
-        if not self.train:
-            return self._val_block()
-        sampler = DistributedSampler(range(self.num_samples), num_replicas=self.shard.world_size,
-                                     rank=self.shard.rank, shuffle=True, seed=self.seed)
-        sampler.set_epoch(epoch)
-        return sampler
 
     def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int, int]]]:
         """``epoch``'s batches of sample keys, ``(index, resolution, epoch)``."""
-        res, bs = self.schedule.resolution(epoch), self.batch_size_at(epoch)
-        keys = [(i, res, epoch) for i in self._order(epoch)]
-        return [keys[b * bs:(b + 1) * bs] for b in range(self._num_batches(epoch))]
+        res = self.schedule.resolution(epoch)
+        return [[(int(i), res, epoch) for i in batch]
+                for batch in self.split_at(epoch).batches(self.seed, epoch)]
 
     def _open(self, epoch: int) -> _Stream:
         """A DataLoader over the batches of ``epoch``, ``epoch + 1``, ... and its workers."""
@@ -195,7 +154,7 @@ class FolderLoader(Loader):
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches of the current epoch; its resolution and batch size are fixed here."""
-        self._check_batches()
+        len(self)  # this epoch's batch size may leave no batch
         stream = self._stream
         if stream is None or stream.owed or stream.next_epoch != self._epoch_key(self.epoch):
             self._stream = None  # let the old workers go before new ones start

@@ -248,12 +248,12 @@ def test_file_reader_sizes_follow_the_schedule_through_prefetched_batches(tree):
     for epoch, res in [(0, 32), (1, 48), (2, 48), (3, 40), (4, 40), (0, 32)]:
         train.set_epoch(epoch)
         assert [tuple(x.shape[-2:]) for x, _ in train] == [(res, res)] * 12
-        pipes.add(id(train._stream.pipe))
+        pipes.add(id(train._reader.stream.pipe))
     assert len(pipes) == 2  # one pipeline for epochs 0-4, a new one for the jump back
     val = loader(tree, resolution=36, reader="file")
     for _ in range(3):
         assert {x.shape[-1] for x, _ in val} == {36}
-        pipes.add(id(val._stream.pipe))
+        pipes.add(id(val._reader.stream.pipe))
     assert len(pipes) == 3
 
 
@@ -264,20 +264,20 @@ def test_feed_runs_on_across_epochs_at_the_next_epochs_size(tree):
     pipeline; a validation loader at one size keeps feeding pass after pass."""
     schedule = Phases((Phase(0, 32), Phase(1, 48), Phase(3, 40)))
     train = loader(tree, train=True, batch_size=4, resolution=schedule, reader="feed")
-    pipe = train._pipe
+    pipe = train._reader.pipe
     for epoch, res in [(0, 32), (1, 48), (2, 48), (3, 40), (4, 40), (0, 32)]:
         batches = run_epoch(train, epoch)
         assert [tuple(x.shape[-2:]) for x, _ in batches] == [(res, res)] * 12
         alone = run_epoch(loader(tree, train=True, batch_size=4, resolution=schedule), epoch)
         assert (decoded(batches)[2] == decoded(alone)[2]).all()
-        ahead, (first, size) = train._feed.in_flight, train._batches(epoch + 1)[0]
+        ahead, (first, size) = train._reader.feed.in_flight, train._reader.batches(epoch + 1)[0]
         assert len(ahead) >= 1 and (ahead[0] == first).all()
         assert size == schedule.resolution(epoch + 1)
-    assert train._pipe is pipe
+    assert train._reader.pipe is pipe
     val = loader(tree, resolution=36, reader="feed")
     for epoch in range(3):
         assert (decoded(run_epoch(val, epoch))[2] == np.arange(N)).all()
-        assert len(val._feed.in_flight) >= 1
+        assert len(val._reader.feed.in_flight) >= 1
 
 
 @each_reader
@@ -365,7 +365,7 @@ def source_of_kind(kind: str, tree: Path, tmp_path: Path) -> Path:
     ("missing", {}, FileNotFoundError, "neither an ImageFolder"),
     ("bad list", {}, ValueError, "list.txt:1"),
     ("empty class", {}, FileNotFoundError, "c99_empty"),
-    ("tree", dict(batch_size=64), ValueError, "make no batch of 64"),
+    ("tree", dict(batch_size=64), ValueError, "no batch of 64 on rank 0 of 1"),
     ("tree", dict(num_workers=0), ValueError, "num_workers"),
     ("tree", dict(seed=-1), ValueError, "seed"),
     ("tree", dict(reader="files"), ValueError, "reader must be one of"),

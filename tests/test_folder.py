@@ -87,15 +87,25 @@ def test_val_shards_partition_the_dataset_exactly_in_order(coded, world):
 
 
 @pytest.mark.parametrize("world", [1, 3, 5])
-def test_train_shards_cover_the_dataset_with_only_the_documented_padding(coded, world):
-    """Train without drop_last: equal shards of ceil(N/world), union = dataset, world*ceil-N repeats."""
+def test_train_shards_are_equal_and_disjoint_without_padding(coded, world):
+    """Train without drop_last: every rank reads N // world samples (its last batch partial),
+    no sample twice over the ranks; the N % world left out change with the epoch."""
     root, _ = coded
-    per_rank = math.ceil(N / world)
-    shards = [epoch_indices(folder(root, train=True, batch_size=4, drop_last=False,
-                                   shard=Shard(rank, world), seed=3)) for rank in range(world)]
-    assert [len(s) for s in shards] == [per_rank] * world
-    counts = np.bincount(np.concatenate(shards), minlength=N)
-    assert (counts >= 1).all() and counts.sum() - N == world * per_rank - N
+    per_rank = N // world
+    left_out = []
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(world):
+            loader = folder(root, train=True, batch_size=4, drop_last=False,
+                            shard=Shard(rank, world), seed=3)
+            loader.set_epoch(epoch)
+            shards.append(epoch_indices(loader))
+            assert len(loader) == math.ceil(per_rank / 4)
+        assert [len(s) for s in shards] == [per_rank] * world
+        seen = np.concatenate(shards)
+        assert len(np.unique(seen)) == len(seen) == world * per_rank
+        left_out.append(set(range(N)) - set(seen))
+    assert N % world == 0 or left_out[0] != left_out[1]
 
 
 def test_train_ranks_yield_the_same_number_of_full_batches(coded):
@@ -104,7 +114,7 @@ def test_train_ranks_yield_the_same_number_of_full_batches(coded):
     for rank in range(5):
         loader = folder(root, train=True, batch_size=4, shard=Shard(rank, 5))
         sizes = [len(labels) for _, labels in loader]
-        assert sizes == [4] * len(loader) == [4] * (math.ceil(N / 5) // 4)
+        assert sizes == [4] * len(loader) == [4] * ((N // 5) // 4)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -323,6 +333,7 @@ def test_bad_configuration_is_refused_with_a_clear_error(coded, tmp_path):
         folder(root, train=True, batch_size=4, num_workers=-1)
     with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16"):
         folder(root, train=True, batch_size=4, output=OutputSpec(device="cpu", dtype="int8"))
-    with pytest.raises(ValueError, match="batch size 40 with drop_last leaves no batch: rank 1 has 24"):
+    with pytest.raises(ValueError, match="no batch of 40 on rank 1 of 2: each rank trains on 24 of "
+                                         "the 48 samples"):
         folder(root, train=True, batch_size=40, shard=Shard(1, 2))
     assert isinstance(folder(root, train=False, batch_size=40, shard=Shard(1, 2)), FolderLoader)
