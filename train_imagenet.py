@@ -14,42 +14,43 @@ Configuration: typed sections below, set from a YAML file (``--config``) and the
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import difflib
-import inspect
 import json
-import math
 import os
 import random
-import shutil
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import yaml
 
 import pipelines
-from mixing.baselines import CutMix, Mixup
 from mixing.base import Mixer
+from mixing.baselines import CutMix, Mixup
 from mixing.grafting import SaliencyGrafting
 from mixing.sage import SAGE
-from mixing.step import TwoPassStep
+from mixing.saliency import get_layer, unwrap
+from mixing.step import TwoPassStep, no_stage
+from pipelines import Shard
 from pipelines.resolution import Phase, Phases, ResolutionSchedule, schedule_from_dict
+from training import config as conf
+from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, config_changes,
+                                 load_checkpoint, rng_state, set_rng_state)
+from training.config import ConfigError, neutral
+from training.distributed import all_gather, all_reduce_sum, barrier, init_distributed
+from training.report import (EpochLog, StageTimer, epoch_line, progress_bar, report_profile,
+                             write_preview)
 
 MIXERS: dict[str, type[Mixer]] = {
     "mixup": Mixup, "cutmix": CutMix, "grafting": SaliencyGrafting, "sage": SAGE}
-CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None
+    path: str | None = neutral(None)
     """ImageFolder root with train/ and val/, or a folder with train.beton and val.beton;
     None: the embedded demo dataset."""
     loader: Literal["folder", "dali", "ffcv"] = "folder"
@@ -75,14 +76,15 @@ class DataConfig:
     """Global batch size (all ranks together); a phase schedule may set its own."""
     resolution: Any = 224
     """Train resolution: an int or a schedule mapping (kind: fixed | ramp | phases)."""
-    val_resolution: int = 224
-    val_batch_size: int | None = None
-    workers: int | None = None
-    demo_root: str = "data/demo"
-    beton_dir: str = "data/ffcv"
+    val_resolution: int = neutral(224)
+    val_batch_size: int | None = neutral(None)
+    """None: the training batch size."""
+    workers: int | None = neutral(None)
+    demo_root: str = neutral("data/demo")
+    beton_dir: str = neutral("data/ffcv")
     dali_reader: Literal["feed", "file"] = "feed"
     """DALI only: ``feed`` (exact, resumable epoch order) or ``file`` (DALI's
-    ``fn.readers.file``, NVIDIA's recipe; see ``pipelines/dali.py``)."""
+    ``fn.readers.file``, NVIDIA's recipe; see ``docs/design/dali.md``)."""
     ffcv_max_resolution: int = 256
     ffcv_jpeg_quality: int = 90
     ffcv_compress_probability: float = 0.5
@@ -117,55 +119,54 @@ class MixConfig:
     eta: float = 0.5
     """Weight of the mixed pass in the two-pass step (the clean pass gets 1 - eta)."""
     feature_layer: str | None = None
-    """Module whose output gives forward saliency (default: the last conv stage)."""
+    """Module whose output gives forward saliency (default: the last conv stage); only read
+    by feature-saliency mixers (grafting)."""
     gradient_reduction: Literal["mean_abs", "l2"] = "mean_abs"
+    """Only read by gradient-saliency mixers (sage)."""
 
 
 @dataclass
 class EvalConfig:
-    every: int = 1
+    every: int = neutral(1)
     """Evaluate every N epochs (and always at the end)."""
-    flip_tta: bool = False
+    flip_tta: bool = neutral(False)
     """Average the logits of each image and its mirror image."""
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs"
-    name: str = "run"
+    out_dir: str = neutral("runs")
+    name: str = neutral("run")
     seed: int = 0
     deterministic: bool = False
-    resume: str | None = None
+    resume: str | None = neutral(None)
     """'auto' (the newest valid checkpoint of this run) or a checkpoint path."""
-    keep_last: int = 3
-    stop_after: int = 0
+    resume_override: str | None = neutral(None)
+    """Comma-separated fields that may differ from the checkpoint's config on resume (e.g.
+    ``optim.lr,optim.grad_clip``); the changes are logged and kept in config_history.yaml."""
+    keep_last: int = neutral(3)
+    stop_after: int = neutral(0)
     """Stop after this many epochs in this session (0: train to the end), e.g. to fit a
     scheduler's time limit; continue with --resume auto."""
-    profile: int = 0
+    profile: int = neutral(0)
     """Profile this many training steps, report where the time goes, and exit."""
-    profile_trace: str | None = None
+    profile_trace: str | None = neutral(None)
     """With ``profile``: also write a torch.profiler trace here (relative: in the run folder)."""
-    preview: str | None = None
+    preview: str | None = neutral(None)
     """Write a PNG grid of mixed pairs at the first mixed step (relative: in the run folder)."""
-    progress: bool = True
+    progress: bool = neutral(True)
 
 
-def _mixer_section(name: str, cls: type[Mixer]) -> type:
-    """A config dataclass of ``cls``'s hyperparameters, with its own defaults (one source)."""
-    hints = typing.get_type_hints(cls.__init__)
-    fields = []
-    for p in inspect.signature(cls.__init__).parameters.values():
-        if p.name in ("self", "num_classes", "label_smoothing") or p.kind not in (
-                p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            continue
-        default = p.default
-        spec = (field(default_factory=lambda d=default: type(d)(d))
-                if isinstance(default, (list, dict, set)) else field(default=default))
-        fields.append((p.name, hints.get(p.name, Any), spec))
-    return dataclasses.make_dataclass(f"{name.capitalize()}Config", fields)
+def _mixer_section(name: str) -> type:
+    """A config section of mixer ``name``'s hyperparameters, with the mixer's own defaults."""
+    return conf.dataclass_from_signature(f"{name.capitalize()}Config", MIXERS[name].__init__,
+                                         skip=("num_classes", "label_smoothing"))
 
 
-MixerSections = {name: _mixer_section(name, cls) for name, cls in MIXERS.items()}
+MixupConfig = _mixer_section("mixup")
+CutmixConfig = _mixer_section("cutmix")
+GraftingConfig = _mixer_section("grafting")
+SageConfig = _mixer_section("sage")
 
 
 @dataclass
@@ -176,143 +177,29 @@ class Config:
     mix: MixConfig = field(default_factory=MixConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    mixup: Any = field(default_factory=MixerSections["mixup"])
-    cutmix: Any = field(default_factory=MixerSections["cutmix"])
-    grafting: Any = field(default_factory=MixerSections["grafting"])
-    sage: Any = field(default_factory=MixerSections["sage"])
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    cutmix: CutmixConfig = field(default_factory=CutmixConfig)
+    grafting: GraftingConfig = field(default_factory=GraftingConfig)
+    sage: SageConfig = field(default_factory=SageConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain data (lists, not tuples), as saved in config.yaml and in checkpoints."""
-        return {s: _plain(dataclasses.asdict(getattr(self, s))) for s in SECTIONS}
+        return conf.to_dict(self)
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-SECTIONS = [f.name for f in dataclasses.fields(Config)]
-
-#: Fields that never change what training computes; every other field must match on resume.
-RESULT_NEUTRAL = {"data.path", "data.workers", "data.demo_root", "data.beton_dir",
-                  "data.val_batch_size", "eval.every", "eval.flip_tta", "data.val_resolution",
-                  "run.out_dir", "run.name", "run.resume", "run.keep_last", "run.stop_after",
-                  "run.profile", "run.profile_trace", "run.preview", "run.progress"}
 
 ALIASES = {"--arch": "model.arch", "--data": "data.path", "--loader": "data.loader",
            "--mix": "mix.kind", "--epochs": "optim.epochs", "--batch-size": "data.batch_size",
-           "--amp": "optim.amp", "--resume": "run.resume", "--profile": "run.profile",
+           "--amp": "optim.amp", "--resume": "run.resume",
+           "--resume-override": "run.resume_override", "--profile": "run.profile",
            "--profile-trace": "run.profile_trace", "--preview": "run.preview",
            "--out": "run.out_dir", "--name": "run.name", "--seed": "run.seed"}
 
 
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field."""
-
-
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """Return ``value`` if it fits ``hint`` (ints are accepted for floats), else raise."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(key, value, option)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} is not a valid {_hint_name(hint)}")
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(hint))}")
-        return value
-    if hint is type(None):
-        if value is not None:
-            raise ConfigError(f"{key}: expected None")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: {value!r} is not a list")
-        return list(value) if (origin or hint) is list else tuple(value)
-    if isinstance(hint, type):
-        if hint is int and isinstance(value, bool) or not isinstance(value, hint):
-            raise ConfigError(f"{key}: {value!r} is not a valid {_hint_name(hint)}")
-        return value
-    return value
-
-
-def _hint_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _set(cfg: Config, key: str, value: Any) -> None:
-    section, _, name = key.partition(".")
-    if section not in SECTIONS:
-        raise ConfigError(f"unknown config section {section!r} in {key!r}; sections: {SECTIONS}")
-    obj = getattr(cfg, section)
-    names = [f.name for f in dataclasses.fields(obj)]
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        raise ConfigError(f"unknown config field {key!r}" +
-                          (f"; did you mean {', '.join(section + '.' + c for c in close)}?" if close
-                           else f"; {section} has {names}"))
-    hint = typing.get_type_hints(type(obj))[name]
-    setattr(obj, name, _check_type(key, value, hint))
-
-
-def _flatten(tree: dict[str, Any], where: str) -> dict[str, Any]:
-    out = {}
-    for section, values in tree.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
-        for name, value in values.items():
-            out[f"{section}.{name}"] = value
-    return out
-
-
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults < YAML file (``--config``) < command line; then validate."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every field is also settable as --section.field VALUE (YAML syntax), e.g. "
-               "--optim.lr 1.7 --grafting.temperature 0.3 --data.resolution "
-               "'{kind: ramp, min_res: 160, max_res: 192, start_ramp: 11, end_ramp: 13}'.")
-    parser.add_argument("--config", help="YAML preset (see configs/)")
-    for flag, key in ALIASES.items():
-        parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f"= --{key}")
-    cfg = Config()
-    for section in SECTIONS:
-        for f in dataclasses.fields(getattr(cfg, section)):
-            parser.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}",
-                                default=argparse.SUPPRESS, metavar="VALUE")
-    known, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
-        key = flag[2:].split("=")[0]
-        if "." in key:
-            _set(cfg, key, None)  # raises: unknown section or field, with suggestions
-        options = ["--config", *ALIASES]
-        raise ConfigError(f"unrecognised argument {flag!r}" + _suggest(flag, options))
-    args = vars(known)
-    preset = args.pop("config", None)
-    if preset:
-        path = Path(preset)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
-        for key, value in _flatten(tree, str(path)).items():
-            _set(cfg, key, value)
-    for key, raw in args.items():
-        _set(cfg, key, yaml.safe_load(raw) if isinstance(raw, str) else raw)
+    cfg = conf.parse(Config(), argv, ALIASES, description=__doc__.split("\n\n")[0],
+                     epilog="Every field is also settable as --section.field VALUE (YAML syntax), "
+                            "e.g. --optim.lr 1.7 --grafting.temperature 0.3 --data.resolution "
+                            "'{kind: ramp, min_res: 160, max_res: 192, start_ramp: 11, end_ramp: 13}'.")
     validate(cfg)
     return cfg
 
@@ -325,8 +212,10 @@ def validate(cfg: Config) -> None:
 
     need(cfg.model.arch in classification_models(), "model.arch",
          f"unknown torchvision classification model {cfg.model.arch!r}"
-         + _suggest(cfg.model.arch, classification_models()))
+         + conf.suggest(cfg.model.arch, classification_models()))
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(cfg.data.val_batch_size is None or cfg.data.val_batch_size >= 1, "data.val_batch_size",
+         "must be >= 1 (or null: the training batch size)")
     need(cfg.optim.epochs >= 1, "optim.epochs", "must be >= 1")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(0 <= cfg.optim.lr_peak_epoch <= cfg.optim.epochs, "optim.lr_peak_epoch",
@@ -348,56 +237,47 @@ def validate(cfg: Config) -> None:
         knots = cfg.optim.lr_knots
         need(bool(knots) and all(isinstance(k, (list, tuple)) and len(k) == 2 for k in knots),
              "optim.lr_knots", "piecewise schedule needs [[epoch, lr], ...]")
+        need(all(isinstance(v, (int, float)) and not isinstance(v, bool) for k in knots for v in k),
+             "optim.lr_knots", "epochs and learning rates must be numbers")
         epochs = [float(k[0]) for k in knots]
         need(all(b >= a for a, b in zip(epochs, epochs[1:])), "optim.lr_knots",
              "epochs must not decrease")
         need(all(float(k[1]) >= 0 for k in knots), "optim.lr_knots", "learning rates must be >= 0")
-    try:
-        schedule_from_dict(cfg.data.resolution)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"data.resolution: {e}") from None
-    if cfg.mix.kind != "none":  # the mixer's own checks, with a made-up class count
+    for key, spec in (("data.resolution", cfg.data.resolution),
+                      ("data.val_resolution", cfg.data.val_resolution)):
         try:
-            build_mixer(cfg, num_classes=1000)
+            schedule_from_dict(spec)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{cfg.mix.kind}: {e}") from None
-
-
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=3)
-    return f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{key}: {e}") from None
+    for name in MIXERS:  # every section, used or not, with a made-up class count
+        try:
+            build_mixer(cfg, num_classes=1000, kind=name)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{name}: {e}") from None
+    if cfg.mix.feature_layer is not None and MIXERS.get(cfg.mix.kind, Mixer).saliency_kind == "feature":
+        model = torchvision.models.get_model(cfg.model.arch, weights=None)
+        try:
+            get_layer(model, cfg.mix.feature_layer)
+        except (AttributeError, KeyError, ValueError) as e:
+            raise ConfigError(f"mix.feature_layer: {e} (null: the last convolutional stage)") from None
+    names = conf.sections(cfg)
+    for key in resume_overrides(cfg):
+        section, _, name = key.partition(".")
+        need(section in names and name in {f.name for f in dataclasses.fields(getattr(cfg, section))},
+             "run.resume_override", f"unknown config field {key!r}")
 
 
 def classification_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+def resume_overrides(cfg: Config) -> list[str]:
+    return [k.strip() for k in (cfg.run.resume_override or "").split(",") if k.strip()]
+
+
 def result_fields(cfg_dict: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The flattened fields that change what training computes (unused mixers' don't)."""
-    unused = set(MIXERS) - {cfg_dict["mix"]["kind"]}
-    flat = _flatten({s: v for s, v in cfg_dict.items() if s not in unused}, "config")
-    return {k: v for k, v in flat.items() if k not in RESULT_NEUTRAL}
-
-
-# ------------------------------------------------------------------------------------------
-# Distributed set-up
-# ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def world_from_env() -> Dist:
-    """Rank, world size and local rank as torchrun sets them (a single process otherwise)."""
-    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)))
+    return conf.result_fields(cfg_dict, Config, unused=set(MIXERS) - {cfg_dict["mix"]["kind"]})
 
 
 def check_world(cfg: Config, world_size: int) -> None:
@@ -411,26 +291,6 @@ def check_world(cfg: Config, world_size: int) -> None:
         if bs % world_size:
             raise ConfigError(f"{key}: batch size {bs} is not divisible by the world size "
                               f"{world_size}")
-
-
-def init_distributed() -> tuple[Dist, torch.device]:
-    """Read torchrun's environment; NCCL on GPUs, gloo on the CPU."""
-    rank, world_size, local_rank = dataclasses.astuple(world_from_env())
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, local_rank), device
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 # ------------------------------------------------------------------------------------------
@@ -509,11 +369,23 @@ def lr_schedule(optim: OptimConfig) -> PiecewiseLinearLR:
     return PiecewiseLinearLR(tuple(e for e, _ in knots), tuple(v for _, v in knots))
 
 
-def build_mixer(cfg: Config, num_classes: int) -> Mixer | None:
-    if cfg.mix.kind == "none":
+def build_mixer(cfg: Config, num_classes: int, kind: str | None = None) -> Mixer | None:
+    """The mixer ``kind`` (default: ``mix.kind``) with its section's hyperparameters."""
+    kind = kind or cfg.mix.kind
+    if kind == "none":
         return None
-    params = dataclasses.asdict(getattr(cfg, cfg.mix.kind))
-    return MIXERS[cfg.mix.kind](num_classes, label_smoothing=cfg.optim.label_smoothing, **params)
+    params = dataclasses.asdict(getattr(cfg, kind))
+    return MIXERS[kind](num_classes, label_smoothing=cfg.optim.label_smoothing, **params)
+
+
+def build_step(cfg: Config, model: nn.Module, mixer: Mixer | None, scaler: torch.amp.GradScaler,
+               amp: torch.dtype | None) -> TwoPassStep:
+    """The training step; each saliency setting goes only to the mixers that read it."""
+    kind = mixer.saliency_kind if mixer is not None else "none"
+    return TwoPassStep(model, mixer, eta=cfg.mix.eta,
+                       feature_layer=cfg.mix.feature_layer if kind == "feature" else None,
+                       gradient_reduction=cfg.mix.gradient_reduction,
+                       label_smoothing=cfg.optim.label_smoothing, scaler=scaler, amp_dtype=amp)
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -521,6 +393,18 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         amp = "fp16" if device.type == "cuda" else "none"
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 # ------------------------------------------------------------------------------------------
@@ -546,39 +430,6 @@ def per_rank_schedule(spec: Any, world_size: int) -> ResolutionSchedule:
     return schedule
 
 
-def resolve_sources(cfg: Config, dist_: Dist) -> tuple[Any, Any]:
-    """(train source, val source) for the chosen loader; writes the demo set / betons if needed."""
-    if cfg.data.path is None:
-        from pipelines.demo import ensure_demo_dataset
-        root = Path(cfg.data.demo_root)
-        if dist_.main:
-            ensure_demo_dataset(root)
-        barrier()
-    else:
-        root = Path(cfg.data.path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.path: {root} does not exist or is not a directory")
-    if cfg.data.loader == "ffcv":
-        if (root / "train.beton").is_file() and (root / "val.beton").is_file():
-            return root / "train.beton", root / "val.beton"
-        from pipelines.ffcv import ensure_beton
-        out = Path(cfg.data.beton_dir) / root.resolve().name
-        tag = (f"r{cfg.data.ffcv_max_resolution}_q{cfg.data.ffcv_jpeg_quality}"
-               f"_p{cfg.data.ffcv_compress_probability}")
-        sources = []
-        for split in ("train", "val"):
-            beton = out / f"{split}_{tag}.beton"
-            if dist_.main:
-                ensure_beton(_split_dir(root, split), beton,
-                             max_resolution=cfg.data.ffcv_max_resolution,
-                             jpeg_quality=cfg.data.ffcv_jpeg_quality,
-                             compress_probability=cfg.data.ffcv_compress_probability)
-            sources.append(beton)
-        barrier()
-        return tuple(sources)
-    return _split_dir(root, "train"), _split_dir(root, "val")
-
-
 def _split_dir(root: Path, split: str) -> Path:
     path = root / split
     if not path.is_dir():
@@ -587,11 +438,43 @@ def _split_dir(root: Path, split: str) -> Path:
     return path
 
 
-def build_data(cfg: Config, dist_: Dist, device: torch.device, dtype: torch.dtype) -> Data:
-    train_src, val_src = resolve_sources(cfg, dist_)
-    ws = dist_.world_size
+def resolve_sources(cfg: Config, shard: Shard) -> tuple[Any, Any]:
+    """(train source, val source) for the chosen loader; writes the demo set / betons if needed."""
+    if cfg.data.path is None:
+        from pipelines.demo import ensure_demo_dataset
+        root = Path(cfg.data.demo_root)
+        if shard.main:
+            ensure_demo_dataset(root)
+        barrier()
+    else:
+        root = Path(cfg.data.path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.path: {root} does not exist or is not a directory")
+    if cfg.data.loader != "ffcv":
+        return _split_dir(root, "train"), _split_dir(root, "val")
+    if (root / "train.beton").is_file() and (root / "val.beton").is_file():
+        return root / "train.beton", root / "val.beton"
+    from pipelines.ffcv import ensure_beton
+    out = Path(cfg.data.beton_dir) / root.resolve().name
+    tag = (f"r{cfg.data.ffcv_max_resolution}_q{cfg.data.ffcv_jpeg_quality}"
+           f"_p{cfg.data.ffcv_compress_probability}")
+    sources = []
+    for split in ("train", "val"):
+        beton = out / f"{split}_{tag}.beton"
+        if shard.main:
+            ensure_beton(_split_dir(root, split), beton,
+                         max_resolution=cfg.data.ffcv_max_resolution,
+                         jpeg_quality=cfg.data.ffcv_jpeg_quality,
+                         compress_probability=cfg.data.ffcv_compress_probability)
+        sources.append(beton)
+    barrier()
+    return tuple(sources)
+
+
+def build_data(cfg: Config, shard: Shard, device: torch.device, dtype: torch.dtype) -> Data:
+    train_src, val_src = resolve_sources(cfg, shard)
+    ws = shard.world_size
     output = pipelines.OutputSpec(device=device, dtype=dtype, channels_last=cfg.model.channels_last)
-    shard = pipelines.Shard(dist_.rank, ws)
     common = dict(output=output, shard=shard, seed=cfg.run.seed, num_workers=cfg.data.workers)
     if cfg.data.loader == "dali":
         common["reader"] = cfg.data.dali_reader
@@ -613,219 +496,23 @@ def build_data(cfg: Config, dist_: Dist, device: torch.device, dtype: torch.dtyp
     return Data(train, val, train.num_classes, classes)
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # ------------------------------------------------------------------------------------------
-# Checkpoints
+# Training and evaluation
 # ------------------------------------------------------------------------------------------
-
-def rng_state(mix_gen: torch.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate(),
-            "mix": mix_gen.get_state()}
-
-
-def set_rng_state(state: dict[str, Any], mix_gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    mix_gen.set_state(state["mix"])
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class Checkpoints:
-    """``ckpt_epochNNNN.pt`` files of one run: the last K kept, plus ``best.pt``."""
-
-    def __init__(self, folder: Path, keep_last: int) -> None:
-        self.folder = folder
-        self.keep_last = keep_last
-
-    def paths(self) -> list[Path]:
-        return sorted(self.folder.glob("ckpt_epoch*.pt"))
-
-    def save(self, state: dict[str, Any], epoch: int, is_best: bool) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"ckpt_epoch{epoch:04d}.pt"
-        atomic_save(state, path)
-        if is_best:
-            tmp = self.folder / ".best.pt.tmp"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, self.folder / "best.pt")
-        for old in self.paths()[:-self.keep_last]:
-            old.unlink()
-        return path
-
-    def load_newest_valid(self, log) -> tuple[Path, dict[str, Any]] | None:
-        for path in reversed(self.paths()):
-            try:
-                return path, load_checkpoint(path)
-            except Exception as e:  # a truncated or foreign file: fall back to the previous one
-                log(f"skipping checkpoint {path}: cannot be loaded ({type(e).__name__}: {e})")
-        return None
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a salmix checkpoint (format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def check_resumable(saved: dict[str, Any], cfg: Config, world_size: int, path: Path) -> None:
-    """Refuse a checkpoint whose config differs in a field that changes the result."""
-    old, new = result_fields(saved["config"]), result_fields(cfg.to_dict())
-    old["world_size"], new["world_size"] = saved["world_size"], world_size
-    for key in [*old, *(k for k in new if k not in old)]:  # config order: mix.kind first
-        if old.get(key) != new.get(key):
-            raise ConfigError(
-                f"cannot resume from {path}: {key} was {old.get(key)!r} there but is "
-                f"{new.get(key)!r} now; resume with the same value or start a new run "
-                f"(--run.name)")
-
-
-# ------------------------------------------------------------------------------------------
-# Profiling, logging, preview
-# ------------------------------------------------------------------------------------------
-
-STAGES = ("data", "clean", "saliency", "mix", "mixed", "optimizer")
-
-
-class StageTimer:
-    """Wall time per stage; synchronises the device at stage edges (only used when profiling)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.totals = dict.fromkeys(STAGES, 0.0)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.totals[name] += time.perf_counter() - start
-
-
-def report_profile(timer: StageTimer, steps: int, images: int, out: Path, log) -> dict[str, Any]:
-    total = sum(timer.totals.values())
-    rows = {k: {"seconds_per_step": v / steps, "share": v / total if total else 0.0}
-            for k, v in timer.totals.items()}
-    result = {"steps": steps, "images": images, "images_per_second": images / total,
-              "seconds_per_step": total / steps, "stages": rows}
-    lines = [f"{'stage':<10} {'ms/step':>10} {'share':>7}"]
-    lines += [f"{k:<10} {1e3 * r['seconds_per_step']:>10.1f} {100 * r['share']:>6.1f}%"
-              for k, r in rows.items()]
-    lines.append(f"{'total':<10} {1e3 * total / steps:>10.1f}   -> {result['images_per_second']:.1f} images/s")
-    log("\n".join(lines))
-    (out / "profile.json").write_text(json.dumps(result, indent=2))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 2.2))
-    left = 0.0
-    for k, r in rows.items():
-        ax.barh([0], [1e3 * r["seconds_per_step"]], left=left, label=f"{k} {100 * r['share']:.0f}%")
-        left += 1e3 * r["seconds_per_step"]
-    ax.set_yticks([])
-    ax.set_xlabel("ms per step")
-    ax.set_title(f"{result['images_per_second']:.1f} images/s")
-    ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45))
-    fig.savefig(out / "profile.png", bbox_inches="tight", dpi=120)
-    plt.close(fig)
-    return result
-
-
-def write_preview(path: Path, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor,
-                  out, classes: list[str] | None, count: int = 4) -> None:
-    """A PNG grid per pair: source, partner, their saliency, the mask, the mix, label weights."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mean = torch.tensor(pipelines.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(pipelines.IMAGENET_STD).view(3, 1, 1)
-
-    def show(ax, img: torch.Tensor) -> None:
-        ax.imshow((img.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
-
-    def heat(ax, m: torch.Tensor | None) -> None:
-        if m is not None:
-            ax.imshow(m.float().cpu().reshape(m.shape[-2:]).numpy(), cmap="magma", vmin=0)
-
-    mix, sal = out.mix, out.saliency
-    name = (lambda k: classes[k]) if classes else str
-    n = min(count, before.shape[0])
-    cols = ["source", "partner", "saliency src", "saliency partner", "mask", "mixed"]
-    fig, axes = plt.subplots(n, len(cols), figsize=(2 * len(cols), 2.1 * n), squeeze=False)
-    for i in range(n):
-        j = int(mix.perm[i])
-        show(axes[i, 0], before[i])
-        show(axes[i, 1], before[j])
-        heat(axes[i, 2], None if sal is None else sal[i])
-        heat(axes[i, 3], None if sal is None else sal[j])
-        heat(axes[i, 4], None if mix.mask is None else mix.mask[i])
-        show(axes[i, 5], after[i])
-        w = float(mix.weight[i])
-        axes[i, 0].set_ylabel(f"{name(int(labels[i]))}: {w:.2f}\n{name(int(labels[j]))}: {1 - w:.2f}",
-                              fontsize=8)
-    for ax, title in zip(axes[0], cols):
-        ax.set_title(title, fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight", dpi=100)
-    plt.close(fig)
-
-
-def epoch_line(stats: dict[str, Any], epochs: int) -> str:
-    """One readable line per epoch (the JSON line in log.jsonl has every figure)."""
-    line = (f"epoch {stats['epoch'] + 1}/{epochs}: train loss {stats['train_loss']:.3f}, "
-            f"{stats['resolution']} px, mix {stats['mixing']}, "
-            f"{stats['images_per_second']:.0f} img/s, {stats['epoch_seconds']:.0f} s")
-    if "val_top1" in stats:
-        line += f"; val top-1 {100 * stats['val_top1']:.1f}%, top-5 {100 * stats['val_top5']:.1f}%"
-    return line
-
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
-# ------------------------------------------------------------------------------------------
-# Training and evaluation
-# ------------------------------------------------------------------------------------------
-
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        check_world(cfg, world_from_env().world_size)
-        self.dist, self.device = init_distributed()
+        try:
+            self.dist = Shard.from_env()
+        except ValueError as e:
+            raise ConfigError(f"launcher: {e}") from None
+        check_world(cfg, self.dist.world_size)
+        self.device = init_distributed(self.dist)
         seed_everything(cfg.run.seed + self.dist.rank, cfg.run.deterministic)
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -842,20 +529,25 @@ class Trainer:
                                          momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.lr = lr_schedule(cfg.optim)
-        self.step = TwoPassStep(self.model, self.mixer, eta=cfg.mix.eta,
-                                feature_layer=cfg.mix.feature_layer,
-                                gradient_reduction=cfg.mix.gradient_reduction,
-                                label_smoothing=cfg.optim.label_smoothing,
-                                scaler=self.scaler, amp_dtype=self.amp_dtype)
-        self.mix_gen = torch.Generator(self.device).manual_seed(
-            cfg.run.seed * 1_000_003 + self.dist.rank)
+        self.step = build_step(cfg, self.model, self.mixer, self.scaler, self.amp_dtype)
+        # The mixer's draws come from a CPU generator: no device sync per draw, and the same
+        # draws (and a resumable state) on every device.
+        self.mix_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + self.dist.rank)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.run.keep_last)
+        self.epoch_log = EpochLog(self.run_dir / "log.jsonl")
         self.start_epoch, self.global_step, self.best_top1 = 0, 0, -1.0
         self.preview_pending = cfg.run.preview is not None
 
     def log(self, msg: str) -> None:
         if self.dist.main:
             print(msg, flush=True)
+
+    def output_path(self, name: str) -> Path:
+        """Where the run writes the file ``name``: a relative path lies in the run folder, so
+        another run never overwrites it. Its folder is created."""
+        path = self.run_dir / name  # an absolute name stays as it is
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     # -- run ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -883,12 +575,13 @@ class Trainer:
             history.append(stats)
             self.log(epoch_line(stats, cfg.optim.epochs))
             if self.dist.main:
-                with open(self.run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-        summary = self.summary(history)
-        return summary
+                self.epoch_log.append(stats)
+        return self.summary(history)
 
     def maybe_resume(self) -> None:
+        if self.dist.main and self.checkpoints.folder.is_dir():
+            for stale in self.checkpoints.remove_temporaries():
+                self.log(f"removed {stale} (an interrupted checkpoint write)")
         resume = self.cfg.run.resume
         if resume is None:
             if self.checkpoints.paths():
@@ -908,22 +601,49 @@ class Trainer:
             if not path.is_file():
                 raise FileNotFoundError(f"run.resume: checkpoint {path} does not exist")
             state = load_checkpoint(path)
-        check_resumable(state, self.cfg, self.dist.world_size, path)
+        self.check_resumable(state, path)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.dist.rank], self.mix_gen)
         self.start_epoch, self.global_step = state["epoch"] + 1, state["step"]
         self.best_top1 = state["best_top1"]
+        barrier()  # every rank has read the checkpoints before rank 0 renames any
+        if self.dist.main:
+            for moved in self.checkpoints.abandon_after(state["epoch"]):
+                self.log(f"set aside {moved}: written after epoch {state['epoch']} by a "
+                         "trajectory this run no longer follows")
+            if self.epoch_log.rewind(state["epoch"]):
+                self.log("log.jsonl: the lines of the retrained epochs moved to log.superseded.jsonl")
         self.log(f"resumed from {path}: next epoch {self.start_epoch}")
 
+    def check_resumable(self, saved: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint whose config differs in a field that changes the result, unless
+        that field is listed in ``run.resume_override``; record the allowed changes."""
+        old, new = result_fields(saved["config"]), result_fields(self.cfg.to_dict())
+        old["world_size"], new["world_size"] = saved["world_size"], self.dist.world_size
+        changes = config_changes(old, new)
+        allowed = set(resume_overrides(self.cfg))
+        for key, (was, now) in changes.items():
+            if key not in allowed:
+                raise ConfigError(
+                    f"cannot resume from {path}: {key} was {was!r} there but is {now!r} now; "
+                    f"resume with the same value, continue with the new one by passing "
+                    f"--resume-override {key}, or start a new run (--run.name)")
+        if changes and self.dist.main:
+            for key, (was, now) in changes.items():
+                self.log(f"resume override: {key} was {was!r}, now {now!r}")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            entry = {"resumed_from": str(path), "after_epoch": saved["epoch"],
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "changes": {k: {"was": w, "now": n} for k, (w, n) in changes.items()}}
+            with open(self.run_dir / "config_history.yaml", "a") as f:
+                f.write(yaml.safe_dump([entry], sort_keys=False))
+
     def save(self, epoch: int, is_best: bool) -> None:
-        states = [rng_state(self.mix_gen)]
-        if dist.is_initialized():
-            states = [None] * self.dist.world_size
-            dist.all_gather_object(states, rng_state(self.mix_gen))
+        states = all_gather(rng_state(self.mix_gen), self.dist.world_size)
         if self.dist.main:
-            state = {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
+            state = {"format": FORMAT, "config": self.cfg.to_dict(),
                      "world_size": self.dist.world_size, "epoch": epoch, "step": self.global_step,
                      "model": unwrap(self.model).state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
@@ -941,8 +661,9 @@ class Trainer:
         mixing = self.mixer is not None and epoch >= cfg.mix.warmup_epochs
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         seen, start = 0, time.perf_counter()
-        stage = timer or (lambda name: contextlib.nullcontext())
-        bar = self.progress(steps, f"epoch {epoch + 1}/{cfg.optim.epochs}")
+        stage = timer or no_stage
+        bar = progress_bar(steps, f"epoch {epoch + 1}/{cfg.optim.epochs}") if (
+            cfg.run.progress and self.dist.main) else None
         batches = iter(loader)
         for i in range(steps):
             with stage("data"):
@@ -952,8 +673,7 @@ class Trainer:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
             before = images.clone() if mixing and self.preview_pending else None
-            out = self.step(images, labels, mix=mixing, generator=self.mix_gen,
-                            stage=timer)
+            out = self.step(images, labels, mix=mixing, generator=self.mix_gen, stage=timer)
             with stage("optimizer"):
                 if cfg.optim.grad_clip:
                     self.scaler.unscale_(self.optimizer)
@@ -964,7 +684,8 @@ class Trainer:
                 self.preview_pending = False
                 if self.dist.main:
                     path = self.output_path(cfg.run.preview)
-                    write_preview(path, before, images, labels, out, self.data.classes)
+                    write_preview(path, before, images, labels, out, self.data.classes,
+                                  pipelines.IMAGENET_MEAN, pipelines.IMAGENET_STD)
                     self.log(f"wrote mixing preview {path}")
             loss_sum += out.loss.detach().double() * labels.shape[0]
             seen += labels.shape[0]
@@ -991,15 +712,10 @@ class Trainer:
             kept = self.checkpoints.paths()
             raise NonFiniteLoss(
                 f"non-finite training loss at epoch {epoch}, step {step}: stopping. "
-                + (f"The last good checkpoint is {kept[-1]} (resume with --resume auto, e.g. "
-                   "with a lower --optim.lr or --optim.grad_clip)." if kept
+                + (f"The last good checkpoint is {kept[-1]}: resume it with --resume auto and, "
+                   "to change what diverged, e.g. --optim.lr 0.01 --resume-override optim.lr "
+                   "(or --optim.grad_clip 1 --resume-override optim.grad_clip)." if kept
                    else "No checkpoint was written yet."))
-
-    def progress(self, total: int, desc: str):
-        if not (self.cfg.run.progress and self.dist.main):
-            return None
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
 
     # -- evaluate ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -1025,18 +741,15 @@ class Trainer:
         return {"val_top1": top1 / n, "val_top5": top5 / n, "val_loss": loss / n,
                 "val_images": int(n)}
 
-    def output_path(self, name: str) -> Path:
-        """Where the run writes the file ``name``: a relative path lies in the run folder, so
-        another run never overwrites it. Its folder is created."""
-        path = self.run_dir / name  # an absolute name stays as it is
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
     # -- profile -----------------------------------------------------------------------------
     def profile(self, steps: int) -> dict[str, Any]:
         """Time each stage over ``steps`` steps of the first epoch (after 2 warm-up steps)."""
         epoch = max(self.start_epoch, self.cfg.mix.warmup_epochs if self.mixer else 0)
         epoch = min(epoch, self.cfg.optim.epochs - 1)
+        available = len(self.data.train)
+        if steps > available:
+            self.log(f"--profile {steps}: an epoch has {available} steps here; profiling {available}")
+            steps = available
         self.train_epoch(epoch, max_steps=2)
         timer = StageTimer(self.device)
         trace = self.cfg.run.profile_trace
@@ -1046,12 +759,12 @@ class Trainer:
             path = self.output_path(trace)
             prof.export_chrome_trace(str(path))
             self.log(f"wrote torch.profiler trace {path}")
-        images = stats["batch_size"] // self.dist.world_size * min(steps, len(self.data.train))
         result = {}
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            result = report_profile(timer, min(steps, len(self.data.train)), images,
-                                    self.run_dir, self.log)
+            images = stats["batch_size"] // self.dist.world_size * steps
+            result = report_profile(timer, steps, images, self.dist.world_size, self.run_dir,
+                                    self.log)
         return result
 
     def summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1070,35 +783,20 @@ class Trainer:
         return summary
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         cfg = parse_config(argv)
         trainer = Trainer(cfg)
         return trainer.fit()
-    except (ConfigError, FileNotFoundError, pipelines.MissingBackendError, NonFiniteLoss) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, pipelines.MissingBackendError,
+            NonFiniteLoss) as e:
         if __name__ == "__main__":
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

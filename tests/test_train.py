@@ -18,35 +18,15 @@ import torchvision
 import yaml
 
 import train_imagenet as ti
-from pipelines.demo import write_demo_dataset
+from tests.trainrun import EPOCHS, args, assert_same_state, checkpoint, run, small_demo
+from training.report import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """A small demo dataset: 10 classes, 8 train and 3 val images per class (30 val images)."""
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, train_per_class=8, val_per_class=3)
-    return root
-
-
-def args(demo: Path, out: Path, *extra: str) -> list[str]:
-    """A fast configuration: resnet18 at 32 px, batch 16, on the CPU."""
-    return ["--data", str(demo), "--arch", "resnet18", "--epochs", str(EPOCHS),
-            "--batch-size", "16", "--data.resolution", "32", "--data.val_resolution", "32",
-            "--data.workers", "1", "--optim.lr", "0.05", "--optim.lr_peak_epoch", "1",
-            "--out", str(out), "--run.progress", "false", "--data.beton_dir", str(out / "ffcv"),
-            *extra]
-
-
-def run(demo: Path, out: Path, *extra: str) -> dict:
-    return ti.main(args(demo, out, *extra))
-
-
-def checkpoint(out: Path, name: str, epoch: int) -> dict:
-    return torch.load(out / name / "checkpoints" / f"ckpt_epoch{epoch:04d}.pt", weights_only=False)
+    return small_demo(tmp_path_factory.mktemp("demo"))
 
 
 # -- schedules and parameter groups -------------------------------------------------------------
@@ -130,12 +110,6 @@ def test_short_run_with_each_mixer_and_loader(demo, tmp_path_factory, loader, mi
 
 
 # -- resume -------------------------------------------------------------------------------------
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
 
 @pytest.fixture(scope="module")
 def straight_run(demo, tmp_path_factory) -> Path:
@@ -238,7 +212,7 @@ def test_profile_reports_every_stage(demo, tmp_path):
     result = run(demo, tmp_path, "--mix", "grafting", "--profile", "2",
                  "--profile-trace", str(tmp_path / "trace.json"))
     stages = result["stages"]
-    assert list(stages) == list(ti.STAGES)
+    assert list(stages) == list(STAGES)
     for name in ("data", "clean", "saliency", "mix", "mixed", "optimizer"):
         assert stages[name]["seconds_per_step"] > 0, name
     assert sum(s["share"] for s in stages.values()) == pytest.approx(1.0)
@@ -285,6 +259,7 @@ def test_bad_input_is_refused_before_training(demo, tmp_path, extra, error, mess
 def test_batch_size_not_divisible_by_world_size_is_refused(demo, tmp_path, monkeypatch):
     """Checked from torchrun's environment before any process group is started."""
     monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(ti.ConfigError, match="batch size 16 is not divisible by the world size 3"):
         run(demo, tmp_path)
     assert not torch.distributed.is_initialized()

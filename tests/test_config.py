@@ -1,0 +1,85 @@
+"""The configuration engine and the trainer's validation: every bad value is refused by name
+before anything starts, every float form is read, every preset works with every mixer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import train_imagenet as ti
+from training import config as conf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--optim.lr", "1e-3", 1e-3), ("--optim.weight_decay", "5e-5", 5e-5),
+    ("--optim.lr", "2E+1", 20.0), ("--optim.lr", ".5", 0.5), ("--optim.lr", "3", 3.0)])
+def test_floats_in_every_form_python_accepts(flag, value, expected):
+    cfg = ti.parse_config([flag, value])
+    section, name = flag[2:].split(".")
+    assert getattr(getattr(cfg, section), name) == expected
+
+
+def test_exponent_floats_in_yaml(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim: {lr: 1e-3, weight_decay: 5e-5, lr_schedule: piecewise,\n"
+                      "        lr_knots: [[0, 1e-4], [1, 2e-1]]}\n")
+    cfg = ti.parse_config(["--config", str(preset)])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 5e-5)
+    assert cfg.optim.lr_knots == [[0, 1e-4], [1, 0.2]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data.val_resolution", "0"], r"data\.val_resolution: "),
+    (["--data.val_batch_size", "0"], r"data\.val_batch_size: must be >= 1"),
+    (["--mix", "grafting", "--mix.feature_layer", "layer9"], r"mix\.feature_layer: .*'layer9'"),
+    (["--mix", "grafting", "--sage.search_fraction", "1.5"], r"sage: .*search_fraction"),
+    (["--mix", "none", "--grafting.temperature", "0"], r"grafting: .*temperature"),
+    (["--grafting.grid_sizes", "4"], r"grafting\.grid_sizes: 4 is not a list"),
+    (["--grafting.grid_sizes", "[4, x]"], r"grafting\.grid_sizes\[1\]: 'x' is not a valid int"),
+    (["--optim.lr", "fast"], r"optim\.lr: 'fast' is not a valid float"),
+    (["--resume-override", "optim.lrr"], r"run\.resume_override: unknown config field 'optim\.lrr'"),
+])
+def test_bad_values_name_their_field(argv, message):
+    with pytest.raises(ti.ConfigError, match=message):
+        ti.parse_config(argv)
+
+
+def test_a_yaml_section_value_of_the_wrong_type_names_the_field(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("grafting: {grid_sizes: 4}\n")
+    with pytest.raises(ti.ConfigError, match=r"grafting\.grid_sizes: 4 is not a list"):
+        ti.parse_config(["--config", str(preset)])
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("mix", ["none", "mixup", "cutmix", "grafting", "sage"])
+def test_every_preset_builds_a_step_with_every_mixer(preset, mix):
+    """Settings a mixer does not read (the demo's feature layer for SAGE) are ignored."""
+    import torch
+
+    cfg = ti.parse_config(["--config", str(REPO / "configs" / preset), "--mix", mix])
+    model = ti.build_model(cfg, 10, torch.device("cpu"))
+    mixer = ti.build_mixer(cfg, 10)
+    step = ti.build_step(cfg, model, mixer, torch.amp.GradScaler("cpu", enabled=False), None)
+    assert (step.features is not None) == (mix == "grafting")
+
+
+def test_result_neutral_fields_are_declared_where_the_field_is():
+    """Paths, cadence and logging may change on resume; anything that changes the maths may not."""
+    fields = ti.result_fields(ti.Config().to_dict())
+    for key in ("data.path", "data.workers", "run.name", "run.resume", "run.keep_last",
+                "eval.every", "data.val_batch_size", "run.resume_override"):
+        assert key not in fields, key
+    for key in ("optim.lr", "data.batch_size", "mix.kind", "run.seed", "model.arch"):
+        assert key in fields, key
+    assert not any(k.startswith(("sage.", "grafting.")) for k in fields)  # mix.kind none
+
+
+def test_check_type_reads_nested_hints():
+    assert conf.check_type("k", [1, 2], list[int]) == [1, 2]
+    assert conf.check_type("k", "1e-3", float | None) == 1e-3
+    assert conf.check_type("k", None, float | None) is None
+    with pytest.raises(conf.ConfigError, match=r"k: True is not a valid int"):
+        conf.check_type("k", True, int)

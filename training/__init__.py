@@ -1,0 +1,1 @@
+"""What the trainer uses: the config engine, checkpoints, the process group and reporting."""

@@ -1,0 +1,161 @@
+"""Checkpoints of one run: written atomically, loaded without running code, one trajectory.
+
+A checkpoint holds only tensors and plain data (dicts, lists, numbers, strings): model,
+optimizer and scaler state, the RNG states of every rank, the config. It is loaded with
+``torch.load(weights_only=True)``, which unpickles nothing else, so a crafted file cannot run
+code; a file that needs anything more is refused as "not a salmix checkpoint".
+
+Resuming from epoch ``e`` abandons the checkpoints after ``e`` (a trajectory that was not
+continued): they are renamed ``*.abandoned`` so that no later ``--resume auto`` picks them up,
+and pruning (``keep_last``) keeps the newest written.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+FORMAT = 2
+"""Version 2: weights-only content. Version 1 pickled numpy and Python RNG states."""
+
+_NAME = re.compile(r"ckpt_epoch(\d+)\.pt")
+
+
+class CheckpointError(ValueError):
+    """A file is not a checkpoint this version of salmix can load; the message names it."""
+
+
+# -- RNG states as plain data ---------------------------------------------------------------
+
+def rng_state(mix_gen: torch.Generator) -> dict[str, Any]:
+    """Every RNG the run draws from, as tensors and lists."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+            "mix": mix_gen.get_state()}
+
+
+def set_rng_state(state: dict[str, Any], mix_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss_next"]))
+    mix_gen.set_state(state["mix"])
+
+
+# -- files ----------------------------------------------------------------------------------
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded as weights only; :class:`CheckpointError` otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler raises many kinds on foreign bytes
+        found = next((ln.split("GLOBAL", 1)[-1].strip() for ln in str(e).splitlines()
+                      if "GLOBAL" in ln), None)
+        if found is not None:
+            raise CheckpointError(
+                f"{path} is not a salmix checkpoint: it holds Python objects ({found}) that are "
+                f"not loaded, since loading them could run code; salmix writes only tensors and "
+                f"plain data (format {FORMAT}), and checkpoints of salmix before that format are "
+                "not loaded either") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated or not a "
+                              f"torch file: {reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a salmix checkpoint of format {FORMAT} "
+                              f"(found {found!r})")
+    return state
+
+
+class Checkpoints:
+    """``ckpt_epochNNNN.pt`` files of one run: the newest ``keep_last`` kept, plus ``best.pt``."""
+
+    def __init__(self, folder: Path, keep_last: int) -> None:
+        self.folder = folder
+        self.keep_last = keep_last
+
+    def paths(self) -> list[Path]:
+        """The checkpoints of the current trajectory, oldest first."""
+        found = [(int(m.group(1)), p) for p in self.folder.glob("ckpt_epoch*.pt")
+                 if (m := _NAME.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files of interrupted writes; return them."""
+        stale = [p for p in self.folder.glob(".*.tmp*") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
+    def save(self, state: dict[str, Any], epoch: int, is_best: bool) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"ckpt_epoch{epoch:04d}.pt"
+        atomic_save(state, path)
+        if is_best:
+            tmp = self.folder / ".best.pt.tmp"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, self.folder / "best.pt")
+        for old in self.paths()[:-self.keep_last]:
+            old.unlink()
+        return path
+
+    def abandon_after(self, epoch: int) -> list[Path]:
+        """Rename the checkpoints written after ``epoch`` (``best.pt`` too, if it is one of
+        them) to ``*.abandoned``, so that no later resume picks them up; return the new paths."""
+        later = [p for p in self.paths() if int(_NAME.fullmatch(p.name).group(1)) > epoch]
+        best = self.folder / "best.pt"
+        if best.is_file():
+            try:
+                if torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"] > epoch:
+                    later.append(best)
+            except Exception:  # an unreadable best.pt is not of this trajectory either
+                later.append(best)
+        moved = []
+        for p in later:
+            target = p.with_name(p.name + ".abandoned")
+            os.replace(p, target)
+            moved.append(target)
+        return moved
+
+    def load_newest_valid(self, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+        for path in reversed(self.paths()):
+            try:
+                return path, load_checkpoint(path)
+            except CheckpointError as e:  # truncated or foreign: fall back to the previous one
+                log(f"skipping checkpoint {path}: {e}")
+        return None
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (old, new)}`` for every flattened field whose value differs, in ``old``'s order."""
+    return {k: (old.get(k), new.get(k)) for k in [*old, *(k for k in new if k not in old)]
+            if old.get(k) != new.get(k)}
