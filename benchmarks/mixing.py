@@ -8,11 +8,17 @@ one run and on one device, the median time per batch of:
 * each mixer (Mixup, CutMix, Saliency Grafting, SAGE, each with its defaults), fed the
   saliency a real ResNet-18 gives on that batch: layer4 feature maps for Grafting (7x7 at
   224 px, 2x2 at 64 px) and mean-|input gradient| maps for SAGE;
-* one ResNet-18 training step (forward, backward, SGD step) at the same batch and size.
+* one ResNet-18 training step (forward, backward, SGD step) at the same batch and size;
+* saliency extraction, the reductions between the clean backward and the mix: the input
+  gradient reduced over channels (``gradient_saliency``, mean_abs and l2) and the feature
+  hook's map sum_c |A_c| of layer4 (``channel_norm``), each next to the plain formula
+  (``g.abs().mean(1)``, ``g.square().sum(1).sqrt()``, ``a.abs().sum(1)`` in float32) and to
+  ``torch.linalg.vector_norm(..., dtype=float32)``, whose CPU kernel they replace.
 
-It prints ratios (mixer / floor, mixer / step) and writes them as JSON
-(default ``benchmarks/results/mixing.json``). Targets: Grafting <= 2x the floor, SAGE <= 4x
-the floor at 224 px, every mixer <= 3% of the step. Batches are channels-last (the loaders'
+It prints ratios (mixer / floor, mixer / step, saliency / plain formula) and writes them as
+JSON (default ``benchmarks/results/mixing.json``). Targets: Grafting <= 2x the floor, SAGE <=
+4x the floor at 224 px, every mixer <= 3% of the step, each saliency reduction <= 1.5x its
+plain formula. Batches are channels-last (the loaders'
 default; ``--nchw`` for NCHW), float32 on the CPU and float16 on CUDA, where the step runs
 under fp16 autocast as in training and timings synchronise the device.
 
@@ -37,10 +43,11 @@ import torchvision  # noqa: E402
 
 from mixing import SAGE, CutMix, Mixup, SaliencyGrafting  # noqa: E402
 from mixing.base import Mixer, blend_  # noqa: E402
-from mixing.saliency import FeatureSaliency, gradient_saliency  # noqa: E402
+from mixing.saliency import FeatureSaliency, channel_norm, gradient_saliency  # noqa: E402
 
 NUM_CLASSES = 1000
-TARGETS = {"grafting_x_floor": 2.0, "sage_x_floor_224px": 4.0, "share_of_step": 0.03}
+TARGETS = {"grafting_x_floor": 2.0, "sage_x_floor_224px": 4.0, "share_of_step": 0.03,
+           "saliency_x_plain": 1.5}
 
 
 def timings(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
@@ -69,7 +76,8 @@ def make_batch(n: int, size: int, device: torch.device, dtype: torch.dtype,
 
 
 def resnet18_step(x: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None):
-    """A ResNet-18 training step on ``x``, and the saliency it yields: (step, feature maps, gradient maps)."""
+    """A ResNet-18 training step on ``x``, the saliency it yields and what it is reduced from:
+    (step, feature maps, gradient maps, layer4 output, input gradient)."""
     memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
         else torch.contiguous_format
     model = torchvision.models.resnet18(num_classes=NUM_CLASSES).to(x.device, memory_format=memory_format)
@@ -81,26 +89,52 @@ def resnet18_step(x: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None
             loss = loss_fn(model(images), labels)
         loss.backward()
 
+    layer4 = []
+    hook = model.layer4.register_forward_hook(lambda _m, _i, out: layer4.append(out.detach()))
     with FeatureSaliency(model) as features:
         images = x.detach().clone().requires_grad_(True)
         with features.capture():
             forward_backward(images)
         feature_maps = features.pop()
+    hook.remove()
     gradient_maps = gradient_saliency(images.grad)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         forward_backward(x)
         optimizer.step()
-    return step, feature_maps, gradient_maps
+    return step, feature_maps, gradient_maps, layer4[-1], images.grad  # [0]: the layer probe
+
+
+def bench_saliency(grad: torch.Tensor, features: torch.Tensor, device: torch.device, warmup: int,
+                   repeats: int, step_s: float) -> dict:
+    """Each saliency reduction, its plain formula and ``vector_norm``: ms and ratios."""
+    cases = {
+        "gradient mean_abs": (lambda: gradient_saliency(grad), lambda: grad.float().abs().mean(1),
+                              lambda: torch.linalg.vector_norm(grad, 1, dim=1, dtype=torch.float32)),
+        "gradient l2": (lambda: gradient_saliency(grad, "l2"), lambda: grad.float().square().sum(1).sqrt(),
+                        lambda: torch.linalg.vector_norm(grad, 2, dim=1, dtype=torch.float32)),
+        "feature map": (lambda: channel_norm(features, 1), lambda: features.float().abs().sum(1),
+                        lambda: torch.linalg.vector_norm(features, 1, dim=1, dtype=torch.float32)),
+    }
+    rows = {}
+    for name, (ours, plain, vector_norm) in cases.items():
+        ours_s, ours_min = timings(ours, device, warmup, repeats)
+        plain_s, _ = timings(plain, device, warmup, repeats)
+        norm_s, _ = timings(vector_norm, device, warmup, repeats)
+        rows[name] = {"ms": 1e3 * ours_s, "min_ms": 1e3 * ours_min, "plain_ms": 1e3 * plain_s,
+                      "vector_norm_ms": 1e3 * norm_s, "x_plain": ours_s / plain_s,
+                      "x_vector_norm": ours_s / norm_s, "share_of_step": ours_s / step_s}
+    return rows
 
 
 def bench_setting(n: int, size: int, device: torch.device, dtype: torch.dtype, amp: torch.dtype | None,
                   memory_format: torch.memory_format, warmup: int, repeats: int, step_repeats: int) -> dict:
     x, labels = make_batch(n, size, device, dtype, memory_format)
-    step, feature_maps, gradient_maps = resnet18_step(x, labels, amp)
+    step, feature_maps, gradient_maps, layer4, grad = resnet18_step(x, labels, amp)
     step_s, step_min = timings(step, device, warmup=1, repeats=step_repeats)
     del step
+    saliency_rows = bench_saliency(grad, layer4, device, warmup, repeats, step_s)
 
     gen = torch.Generator(device).manual_seed(0)
     perm = torch.randperm(n, device=device)
@@ -122,7 +156,10 @@ def bench_setting(n: int, size: int, device: torch.device, dtype: torch.dtype, a
             "channels_last": memory_format == torch.channels_last,
             "feature_map": list(feature_maps.shape[1:]), "gradient_map": list(gradient_maps.shape[1:]),
             "floor_ms": 1e3 * floor_s, "floor_min_ms": 1e3 * floor_min, "resnet18_step_ms": 1e3 * step_s,
-            "resnet18_step_min_ms": 1e3 * step_min, "mixers": rows}
+            "resnet18_step_min_ms": 1e3 * step_min, "mixers": rows,
+            "gradient": [list(grad.shape), str(grad.dtype).removeprefix("torch.")],
+            "layer4": [list(layer4.shape), str(layer4.dtype).removeprefix("torch.")],
+            "saliency": saliency_rows}
 
 
 def report(setting: dict) -> str:
@@ -134,6 +171,12 @@ def report(setting: dict) -> str:
     for name, row in setting["mixers"].items():
         lines.append(f"  {name:<10} {row['ms']:>9.2f} {row['min_ms']:>8.2f} {row['x_floor']:>8.2f} "
                      f"{100 * row['share_of_step']:>9.2f}%")
+    lines.append(f"  saliency (gradient {setting['gradient']}, layer4 {setting['layer4']}):")
+    lines.append(f"  {'reduction':<18} {'ms':>7} {'plain ms':>9} {'x plain':>8} {'vector_norm ms':>15} "
+                 f"{'% of step':>10}")
+    for name, row in setting["saliency"].items():
+        lines.append(f"  {name:<18} {row['ms']:>7.2f} {row['plain_ms']:>9.2f} {row['x_plain']:>8.2f} "
+                     f"{row['vector_norm_ms']:>15.2f} {100 * row['share_of_step']:>9.2f}%")
     return "\n".join(lines)
 
 

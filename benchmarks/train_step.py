@@ -1,12 +1,16 @@
 """Training-step time of each mixer, side by side, as a ratio of the single-pass baseline.
 
-    python benchmarks/train_step.py [--arch resnet18] [--batch 64] [--res 160] [--steps 6]
+    python benchmarks/train_step.py [--arch resnet18] [--sizes 64x160 32x224] [--steps 6] [--quick]
 
 Runs the trainer's own step (``mixing.TwoPassStep`` + the SGD/GradScaler update of
 ``train_imagenet.py``) on one synthetic batch per mixer, rounds interleaved so that drift in
-machine load hits every mixer alike, and reports the median step time, each mixer's ratio to
-``none`` and where its time goes (clean pass, saliency, mixing, mixed pass, optimizer). Prints a
-table and writes JSON (``--out``). Works on CUDA (synchronised timings) and on the CPU.
+machine load hits every mixer alike, and reports for each size (default: batch 64 at 160 px,
+then batch 32 at 224 px) the median step time, each mixer's ratio to ``none`` against its
+target and where its time goes (clean pass, saliency, mixing, mixed pass, optimizer). Prints
+a table and writes JSON (``--out``). Works on CUDA (synchronised timings) and on the CPU.
+
+Targets (ratio to the single-pass step): Mixup and CutMix <= 1.02, Saliency Grafting <= 2.05,
+SAGE <= 2.10: a two-pass step costs two passes, and the mixing stage a few percent at most.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import train_imagenet as ti  # noqa: E402
 from mixing.step import TwoPassStep  # noqa: E402
 
 MIXES = ("none", "mixup", "cutmix", "grafting", "sage")
+TARGETS = {"mixup": 1.02, "cutmix": 1.02, "grafting": 2.05, "sage": 2.10}
+"""Upper bounds on each mixer's step time over the single-pass (``none``) step."""
 
 
 def build(mix: str, args: argparse.Namespace, device: torch.device, amp: torch.dtype | None):
@@ -47,30 +53,20 @@ def one_step(step, optimizer, scaler, images, labels, gen, timer=None) -> None:
         scaler.update()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--res", type=int, default=160)
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per mixer")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None,
-                        help="default: fp16 on CUDA, none on the CPU")
-    parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=MIXES)
-    parser.add_argument("--out", default="benchmarks/results/train_step.json")
-    args = parser.parse_args()
+def parse_size(text: str) -> tuple[int, int]:
+    """``"64x160"`` -> (batch 64, 160 px)."""
+    batch, _, res = text.partition("x")
+    try:
+        return int(batch), int(res)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is BATCHxRES, e.g. 64x160, got {text!r}") from None
 
-    device = torch.device(args.device)
-    amp_name = args.amp or ("fp16" if device.type == "cuda" else "none")
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_name]
-    dtype = amp or torch.float32
-    gen = torch.Generator(device).manual_seed(0)
-    batch = torch.randn(args.batch, 3, args.res, args.res, device=device).to(
-        dtype=dtype, memory_format=torch.channels_last)
-    labels = torch.randint(0, args.classes, (args.batch,), device=device)
-    runs = {mix: build(mix, args, device, amp) for mix in args.mixes}
+
+def bench_size(runs: dict, batch_size: int, res: int, args: argparse.Namespace, device: torch.device,
+               dtype: torch.dtype, gen: torch.Generator) -> dict:
+    """Interleaved rounds of every mixer's step at one batch size and resolution."""
+    batch = torch.randn(batch_size, 3, res, res, device=device).to(dtype=dtype, memory_format=torch.channels_last)
+    labels = torch.randint(0, args.classes, (batch_size,), device=device)
     for mix, (step, opt, scaler) in runs.items():  # warm-up: allocator, kernels, autotuning
         for _ in range(args.warmup):
             one_step(step, opt, scaler, batch.clone(), labels, gen)
@@ -91,22 +87,63 @@ def main() -> None:
         one_step(step, opt, scaler, batch.clone(), labels, gen, timers[mix])
 
     base = statistics.median(times["none"]) if "none" in times else None
-    result = {"arch": args.arch, "batch": args.batch, "res": args.res, "device": str(device),
-              "amp": amp_name, "threads": torch.get_num_threads(), "steps": args.steps,
-              "mixers": {}}
-    print(f"{args.arch}, batch {args.batch} at {args.res} px on {device} (amp {amp_name}), "
-          f"median of {args.steps} steps")
-    print(f"{'mixer':<10} {'s/step':>8} {'x none':>7}   stage shares (one synchronised step)")
+    result = {"batch": batch_size, "res": res, "mixers": {}}
     for mix, ts in times.items():
         med = statistics.median(ts)
         stages = {k: v for k, v in timers[mix].totals.items() if v > 0}
         total = sum(stages.values())
-        shares = {k: v / total for k, v in stages.items()}
         ratio = med / base if base else None
-        result["mixers"][mix] = {"seconds_per_step": med, "all_seconds": ts,
-                                 "ratio_to_none": ratio, "stage_shares": shares}
-        share_text = " ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items())
-        print(f"{mix:<10} {med:>8.3f} {ratio if ratio else float('nan'):>7.2f}   {share_text}")
+        target = TARGETS.get(mix)
+        result["mixers"][mix] = {"seconds_per_step": med, "all_seconds": ts, "ratio_to_none": ratio,
+                                 "target": target,
+                                 "target_met": None if ratio is None or target is None else ratio <= target,
+                                 "stage_shares": {k: v / total for k, v in stages.items()}}
+    return result
+
+
+def report(result: dict, args: argparse.Namespace, device: torch.device, amp_name: str) -> str:
+    lines = [f"{args.arch}, batch {result['batch']} at {result['res']} px on {device} (amp {amp_name}), "
+             f"median of {args.steps} steps",
+             f"{'mixer':<10} {'s/step':>8} {'x none':>7} {'target':>8} {'met':>5}   stage shares "
+             f"(one synchronised step)"]
+    for mix, row in result["mixers"].items():
+        ratio = row["ratio_to_none"]
+        target = f"<= {row['target']:.2f}" if row["target"] else "-"
+        met = {True: "yes", False: "NO", None: "-"}[row["target_met"]]
+        shares = " ".join(f"{k} {100 * v:.0f}%" for k, v in row["stage_shares"].items())
+        lines.append(f"{mix:<10} {row['seconds_per_step']:>8.3f} {ratio if ratio else float('nan'):>7.2f} "
+                     f"{target:>8} {met:>5}   {shares}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(64, 160), (32, 224)],
+                        metavar="BATCHxRES", help="batch sizes and resolutions, run one after another")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per mixer")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None,
+                        help="default: fp16 on CUDA, none on the CPU")
+    parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=MIXES)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run: batch 4 at 64 px, 1 step")
+    parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.steps, args.warmup, args.classes = [(4, 64)], 1, 1, 10
+
+    device = torch.device(args.device)
+    amp_name = args.amp or ("fp16" if device.type == "cuda" else "none")
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_name]
+    gen = torch.Generator().manual_seed(0)  # CPU generator: the mixers' draws need no device sync
+    runs = {mix: build(mix, args, device, amp) for mix in args.mixes}
+    result = {"arch": args.arch, "device": str(device), "amp": amp_name, "threads": torch.get_num_threads(),
+              "steps": args.steps, "quick": args.quick, "targets": TARGETS, "sizes": []}
+    for batch_size, res in args.sizes:
+        result["sizes"].append(bench_size(runs, batch_size, res, args, device, amp or torch.float32, gen))
+        print(report(result["sizes"][-1], args, device, amp_name), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -75,8 +75,8 @@ def cpu_channel_norm(t: torch.Tensor, ord: int) -> torch.Tensor:
     """``sum_c |t_c|`` (ord 1) or ``sqrt(sum_c t_c^2)`` (ord 2) over dim 1 of a CPU tensor
     (N, C, h, w), float32, for either layout and any float dtype.
 
-    ``torch.linalg.vector_norm(..., dtype=float32)`` runs its CPU kernel 15-35x slower than
-    these plain ops. Few channels (an image gradient): accumulated channel by channel into
+    The CPU kernel of ``torch.linalg.vector_norm(..., dtype=float32)`` is many times slower
+    than these plain ops (``benchmarks/mixing.py``). Few channels (an image gradient): accumulated channel by channel into
     the float32 result, no batch-sized temporary. Many (a feature map): summed in blocks of
     channels, so a float16/bfloat16 map is never copied to float32 whole.
     """

@@ -126,7 +126,8 @@ def rearrangement_scores(s0: torch.Tensor, s1: torch.Tensor, shifts: torch.Tenso
     (1/0 = inf): only the overlap of the two frames is computed, without a clamp or a translated
     copy. The loop runs over the candidates, each scored for the whole batch in three ops, on
     the maps laid out (h, w, N): an overlap is then rows of ``ow * N`` contiguous values (in
-    (N, h, w) rows of only ``ow``, and the add over them runs ~1.5x slower).
+    (N, h, w) rows of only ``ow``: a slower add). The loop reads the candidates on the host:
+    pass ``shifts`` on the CPU (on a device they are copied to the host first, a sync).
     """
     n, h, w = s0.shape
     scratch = scratch or _fresh(s0)
