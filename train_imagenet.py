@@ -42,12 +42,14 @@ from mixing.step import TwoPassStep, no_stage
 from pipelines import Shard
 from pipelines.resolution import Phase, Phases, ResolutionSchedule, schedule_from_dict
 from training import config as conf
-from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, config_changes,
-                                 load_checkpoint, rng_state, set_rng_state)
+from training.blurpool import apply_blurpool
+from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, check_resumable,
+                                 load_checkpoint, record_overrides, rng_state, set_rng_state)
 from training.config import ConfigError, neutral
 from training.distributed import all_gather, all_reduce_sum, barrier, init_distributed
 from training.report import (EpochLog, StageTimer, epoch_line, progress_bar, report_profile,
                              write_preview)
+from training.sources import resolve_sources
 
 MIXERS: dict[str, type[Mixer]] = {
     "mixup": Mixup, "cutmix": CutMix, "grafting": SaliencyGrafting, "sage": SAGE}
@@ -204,6 +206,19 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return cfg
 
 
+def classification_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def resume_overrides(cfg: Config) -> list[str]:
+    return [k.strip() for k in (cfg.run.resume_override or "").split(",") if k.strip()]
+
+
+def result_fields(cfg_dict: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The flattened fields that change what training computes (unused mixers' don't)."""
+    return conf.result_fields(cfg_dict, Config, unused=set(MIXERS) - {cfg_dict["mix"]["kind"]})
+
+
 def validate(cfg: Config) -> None:
     """Check values that types cannot express; raise ConfigError naming the field."""
     def need(ok: bool, key: str, what: str) -> None:
@@ -249,9 +264,10 @@ def validate(cfg: Config) -> None:
             schedule_from_dict(spec)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
-    for name in MIXERS:  # every section, used or not, with a made-up class count
+    for name, cls in MIXERS.items():  # every section, used or not, with a made-up class count
         try:
-            build_mixer(cfg, num_classes=1000, kind=name)
+            cls(1000, label_smoothing=cfg.optim.label_smoothing,
+                **dataclasses.asdict(getattr(cfg, name)))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{name}: {e}") from None
     if cfg.mix.feature_layer is not None and MIXERS.get(cfg.mix.kind, Mixer).saliency_kind == "feature":
@@ -265,19 +281,6 @@ def validate(cfg: Config) -> None:
         section, _, name = key.partition(".")
         need(section in names and name in {f.name for f in dataclasses.fields(getattr(cfg, section))},
              "run.resume_override", f"unknown config field {key!r}")
-
-
-def classification_models() -> list[str]:
-    return torchvision.models.list_models(module=torchvision.models)
-
-
-def resume_overrides(cfg: Config) -> list[str]:
-    return [k.strip() for k in (cfg.run.resume_override or "").split(",") if k.strip()]
-
-
-def result_fields(cfg_dict: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The flattened fields that change what training computes (unused mixers' don't)."""
-    return conf.result_fields(cfg_dict, Config, unused=set(MIXERS) - {cfg_dict["mix"]["kind"]})
 
 
 def check_world(cfg: Config, world_size: int) -> None:
@@ -296,28 +299,6 @@ def check_world(cfg: Config, world_size: int) -> None:
 # ------------------------------------------------------------------------------------------
 # Model, optimizer, learning rate, mixer
 # ------------------------------------------------------------------------------------------
-
-class BlurPoolConv2d(nn.Module):
-    """FFCV's anti-aliasing: a 3x3 binomial blur before a strided convolution."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        taps = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
-        self.conv = conv
-        self.register_buffer("blur_filter", taps.repeat(conv.in_channels, 1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.blur_filter.to(x.dtype), padding=1, groups=self.conv.in_channels)
-        return self.conv(x)
-
-
-def apply_blurpool(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
-            setattr(module, name, BlurPoolConv2d(child))
-        else:
-            apply_blurpool(child)
-
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
     model = torchvision.models.get_model(cfg.model.arch, weights=None, num_classes=num_classes)
@@ -369,13 +350,11 @@ def lr_schedule(optim: OptimConfig) -> PiecewiseLinearLR:
     return PiecewiseLinearLR(tuple(e for e, _ in knots), tuple(v for _, v in knots))
 
 
-def build_mixer(cfg: Config, num_classes: int, kind: str | None = None) -> Mixer | None:
-    """The mixer ``kind`` (default: ``mix.kind``) with its section's hyperparameters."""
-    kind = kind or cfg.mix.kind
-    if kind == "none":
+def build_mixer(cfg: Config, num_classes: int) -> Mixer | None:
+    if cfg.mix.kind == "none":
         return None
-    params = dataclasses.asdict(getattr(cfg, kind))
-    return MIXERS[kind](num_classes, label_smoothing=cfg.optim.label_smoothing, **params)
+    params = dataclasses.asdict(getattr(cfg, cfg.mix.kind))
+    return MIXERS[cfg.mix.kind](num_classes, label_smoothing=cfg.optim.label_smoothing, **params)
 
 
 def build_step(cfg: Config, model: nn.Module, mixer: Mixer | None, scaler: torch.amp.GradScaler,
@@ -430,49 +409,8 @@ def per_rank_schedule(spec: Any, world_size: int) -> ResolutionSchedule:
     return schedule
 
 
-def _split_dir(root: Path, split: str) -> Path:
-    path = root / split
-    if not path.is_dir():
-        raise FileNotFoundError(f"data.path: {root} has no {split}/ folder (expected an "
-                                f"ImageFolder root with train/ and val/)")
-    return path
-
-
-def resolve_sources(cfg: Config, shard: Shard) -> tuple[Any, Any]:
-    """(train source, val source) for the chosen loader; writes the demo set / betons if needed."""
-    if cfg.data.path is None:
-        from pipelines.demo import ensure_demo_dataset
-        root = Path(cfg.data.demo_root)
-        if shard.main:
-            ensure_demo_dataset(root)
-        barrier()
-    else:
-        root = Path(cfg.data.path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.path: {root} does not exist or is not a directory")
-    if cfg.data.loader != "ffcv":
-        return _split_dir(root, "train"), _split_dir(root, "val")
-    if (root / "train.beton").is_file() and (root / "val.beton").is_file():
-        return root / "train.beton", root / "val.beton"
-    from pipelines.ffcv import ensure_beton
-    out = Path(cfg.data.beton_dir) / root.resolve().name
-    tag = (f"r{cfg.data.ffcv_max_resolution}_q{cfg.data.ffcv_jpeg_quality}"
-           f"_p{cfg.data.ffcv_compress_probability}")
-    sources = []
-    for split in ("train", "val"):
-        beton = out / f"{split}_{tag}.beton"
-        if shard.main:
-            ensure_beton(_split_dir(root, split), beton,
-                         max_resolution=cfg.data.ffcv_max_resolution,
-                         jpeg_quality=cfg.data.ffcv_jpeg_quality,
-                         compress_probability=cfg.data.ffcv_compress_probability)
-        sources.append(beton)
-    barrier()
-    return tuple(sources)
-
-
 def build_data(cfg: Config, shard: Shard, device: torch.device, dtype: torch.dtype) -> Data:
-    train_src, val_src = resolve_sources(cfg, shard)
+    train_src, val_src = resolve_sources(cfg.data, shard)
     ws = shard.world_size
     output = pipelines.OutputSpec(device=device, dtype=dtype, channels_last=cfg.model.channels_last)
     common = dict(output=output, shard=shard, seed=cfg.run.seed, num_workers=cfg.data.workers)
@@ -601,7 +539,13 @@ class Trainer:
             if not path.is_file():
                 raise FileNotFoundError(f"run.resume: checkpoint {path} does not exist")
             state = load_checkpoint(path)
-        self.check_resumable(state, path)
+        old, new = result_fields(state["config"]), result_fields(self.cfg.to_dict())
+        old["world_size"], new["world_size"] = state["world_size"], self.dist.world_size
+        changes = check_resumable(old, new, set(resume_overrides(self.cfg)), path)
+        for key, (was, now) in changes.items():
+            self.log(f"resume override: {key} was {was!r}, now {now!r}")
+        if changes and self.dist.main:
+            record_overrides(self.run_dir, path, state["epoch"], changes)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -616,29 +560,6 @@ class Trainer:
             if self.epoch_log.rewind(state["epoch"]):
                 self.log("log.jsonl: the lines of the retrained epochs moved to log.superseded.jsonl")
         self.log(f"resumed from {path}: next epoch {self.start_epoch}")
-
-    def check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        """Refuse a checkpoint whose config differs in a field that changes the result, unless
-        that field is listed in ``run.resume_override``; record the allowed changes."""
-        old, new = result_fields(saved["config"]), result_fields(self.cfg.to_dict())
-        old["world_size"], new["world_size"] = saved["world_size"], self.dist.world_size
-        changes = config_changes(old, new)
-        allowed = set(resume_overrides(self.cfg))
-        for key, (was, now) in changes.items():
-            if key not in allowed:
-                raise ConfigError(
-                    f"cannot resume from {path}: {key} was {was!r} there but is {now!r} now; "
-                    f"resume with the same value, continue with the new one by passing "
-                    f"--resume-override {key}, or start a new run (--run.name)")
-        if changes and self.dist.main:
-            for key, (was, now) in changes.items():
-                self.log(f"resume override: {key} was {was!r}, now {now!r}")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            entry = {"resumed_from": str(path), "after_epoch": saved["epoch"],
-                     "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     "changes": {k: {"was": w, "now": n} for k, (w, n) in changes.items()}}
-            with open(self.run_dir / "config_history.yaml", "a") as f:
-                f.write(yaml.safe_dump([entry], sort_keys=False))
 
     def save(self, epoch: int, is_best: bool) -> None:
         states = all_gather(rng_state(self.mix_gen), self.dist.world_size)

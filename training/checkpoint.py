@@ -15,11 +15,15 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
+
+from .config import ConfigError
 
 FORMAT = 2
 """Version 2: weights-only content. Version 1 pickled numpy and Python RNG states."""
@@ -155,7 +159,27 @@ class Checkpoints:
         return None
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{field: (old, new)}`` for every flattened field whose value differs, in ``old``'s order."""
-    return {k: (old.get(k), new.get(k)) for k in [*old, *(k for k in new if k not in old)]
-            if old.get(k) != new.get(k)}
+def check_resumable(old: dict[str, Any], new: dict[str, Any], allowed: set[str],
+                    path: Path) -> dict[str, tuple[Any, Any]]:
+    """The changes ``{field: (old, new)}`` between a checkpoint's result fields and this run's;
+    a change to a field not in ``allowed`` (``run.resume_override``) is refused by name."""
+    changes = {k: (old.get(k), new.get(k)) for k in [*old, *(k for k in new if k not in old)]
+               if old.get(k) != new.get(k)}
+    for key, (was, now) in changes.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"cannot resume from {path}: {key} was {was!r} there but is {now!r} now; "
+                f"resume with the same value, continue with the new one by passing "
+                f"--resume-override {key}, or start a new run (--run.name)")
+    return changes
+
+
+def record_overrides(run_dir: Path, path: Path, epoch: int,
+                     changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append the fields a resume changed to ``config_history.yaml`` in the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    entry = {"resumed_from": str(path), "after_epoch": epoch,
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "changes": {k: {"was": w, "now": n} for k, (w, n) in changes.items()}}
+    with open(run_dir / "config_history.yaml", "a") as f:
+        f.write(yaml.safe_dump([entry], sort_keys=False))
