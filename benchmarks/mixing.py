@@ -136,7 +136,7 @@ def bench_setting(n: int, size: int, device: torch.device, dtype: torch.dtype, a
     del step
     saliency_rows = bench_saliency(grad, layer4, device, warmup, repeats, step_s)
 
-    gen = torch.Generator(device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # CPU generator: draws without a device sync
     perm = torch.randperm(n, device=device)
     share = torch.rand(n, 1, 1, 1, device=device)
     floor_s, floor_min = timings(lambda: blend_(x, x[perm], share), device, warmup, repeats)

@@ -5,8 +5,8 @@ from .baselines import CutMix, Mixup
 from .grafting import SaliencyGrafting
 from .sage import SAGE
 from .saliency import FeatureSaliency, find_feature_layer, gradient_saliency
-from .step import StepOutput, TwoPassStep
+from .step import StepOutput, TwoPassStep, no_stage
 
 __all__ = ["CutMix", "FeatureSaliency", "MixResult", "Mixer", "Mixup", "SAGE", "SaliencyGrafting",
            "StepOutput", "TwoPassStep", "find_feature_layer", "gradient_saliency",
-           "soft_target_cross_entropy"]
+           "no_stage", "soft_target_cross_entropy"]

@@ -371,9 +371,9 @@ class SAGE(Mixer):
         slower than with a dense one, by more than the copy costs.
         """
         n, c, h, w = x.shape
-        lanes = x.device.type == "cpu" and c > 1 and not x.is_contiguous() \
-            and x.is_contiguous(memory_format=torch.channels_last)
-        layout = torch.channels_last if lanes else torch.contiguous_format
+        channels_last = c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format  # x's own
+        lanes = channels_last and x.device.type == "cpu"
         partner = shifted_partner(x, perm, shift, out=self._scratch("partner", tuple(x.shape), x.dtype,
                                                                       x.device, layout))
         maps = padded[1:-1]

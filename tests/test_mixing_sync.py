@@ -142,6 +142,36 @@ def test_the_recorder_sees_each_kind_of_sync():
     assert found == [1, 1, 1, 1]
 
 
+class LabelReads(TorchFunctionMode):
+    """Counts the reductions (min, max, aminmax) run on one tensor."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.labels, self.count = labels, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("min", "max", "aminmax") and args and args[0] is self.labels:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["grafting", "sage", "mixup"])
+def test_a_cpu_step_checks_the_label_values_once(name):
+    """On the CPU a step reads its labels' value range once: not again for the one-hot
+    targets nor inside the mixer it calls (which, called on its own, still checks)."""
+    mixer = SaliencyGrafting(K, grid_sizes=[4]) if name == "grafting" else MIXERS[name][0]()
+    step = TwoPassStep(TinyNet(), mixer)
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(6, 3, 16, 16, generator=g), torch.randint(K, (6,), generator=g)
+    with LabelReads(labels) as reads:
+        step(x, labels, generator=torch.Generator().manual_seed(0))
+    assert reads.count == 1
+    saliency = torch.rand(6, 16, 16)
+    with LabelReads(labels) as reads:
+        mixer.mix(x, labels, saliency, generator=torch.Generator().manual_seed(0))
+    assert reads.count == 1
+
+
 # -- on CUDA ------------------------------------------------------------------------------------
 
 def cuda_batch(n=8, size=32, dtype=torch.float32, channels_last=False, seed=0):
