@@ -14,8 +14,8 @@ No device-to-host reads in the hot path: the per-batch random choices are drawn 
 generator's device and moved to the batch's device without blocking (:func:`to_device`);
 everything else stays on the batch's device. Pass a **CPU generator** (or None, the global
 CPU generator) with CUDA batches: the scalar choices (lambda, grid size, candidate shifts)
-are then read on the host for free. A generator on the batch's device still works and draws
-exactly what it drew before, but each scalar choice is then a device-to-host read.
+are then read on the host for free. A generator on the batch's device still works (the
+same seed gives the same mix), but each scalar choice is then a device-to-host read.
 
 Value checks (label range, non-finite or negative saliency) run on CPU tensors only, where
 reading values costs no device sync; on other devices the shapes, dtypes and devices are
@@ -105,6 +105,10 @@ def check_labels(labels: torch.Tensor, n: int, device: torch.device, num_classes
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
 
 
+class NonFiniteSaliency(ValueError):
+    """The saliency map holds NaN or inf: the clean pass diverged (or overflowed)."""
+
+
 def check_saliency(saliency: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """Return ``saliency`` as float32 (N, h, w) on ``x``'s device, or raise naming the problem.
 
@@ -125,7 +129,7 @@ def check_saliency(saliency: torch.Tensor | None, x: torch.Tensor) -> torch.Tens
     # One pass (NaN propagates into both), cheaper on the CPU than isfinite() and a comparison.
     lo, hi = torch.stack(torch.aminmax(saliency)).tolist() if saliency.numel() else (0.0, 0.0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("saliency contains NaN or inf (did the clean pass overflow?)")
+        raise NonFiniteSaliency("saliency contains NaN or inf (did the clean pass overflow?)")
     if lo < 0:
         raise ValueError("saliency must be non-negative")
     return saliency
