@@ -33,7 +33,7 @@ import torchvision
 import yaml
 
 import pipelines
-from mixing.base import Mixer
+from mixing.base import Mixer, NonFiniteSaliency
 from mixing.baselines import CutMix, Mixup
 from mixing.grafting import SaliencyGrafting
 from mixing.sage import SAGE
@@ -46,7 +46,9 @@ from training.blurpool import apply_blurpool
 from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, check_resumable,
                                  load_checkpoint, record_overrides, rng_state, set_rng_state)
 from training.config import ConfigError, neutral
-from training.distributed import all_gather, all_reduce_sum, barrier, init_distributed
+from training.distributed import (all_gather, all_reduce_sum, any_rank, barrier, init_distributed,
+                                  report_failure, shutdown)
+from training.guard import DivergenceGuard
 from training.report import (EpochLog, StageTimer, epoch_line, progress_bar, report_profile,
                              write_preview)
 from training.sources import resolve_sources
@@ -111,6 +113,9 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0: off)."""
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     """auto: fp16 on CUDA, none on the CPU."""
+    max_skipped_steps: int = neutral(25)
+    """fp16: stop when the GradScaler skips more steps than this in a row (one skip is an
+    overflow it handles; a long run of them is divergence)."""
 
 
 @dataclass
@@ -157,6 +162,9 @@ class RunConfig:
     preview: str | None = neutral(None)
     """Write a PNG grid of mixed pairs at the first mixed step (relative: in the run folder)."""
     progress: bool = neutral(True)
+    collective_timeout: float = neutral(600.0)
+    """Seconds a rank waits in a collective before the process group gives up (NCCL's
+    default); data preparation on rank 0 waits outside collectives, however long."""
 
 
 def _mixer_section(name: str) -> type:
@@ -248,6 +256,8 @@ def validate(cfg: Config) -> None:
     need(cfg.run.keep_last >= 1, "run.keep_last", "must be >= 1")
     need(cfg.run.stop_after >= 0, "run.stop_after", "must be >= 0")
     need(cfg.run.profile >= 0, "run.profile", "must be >= 0")
+    need(cfg.run.collective_timeout > 0, "run.collective_timeout", "must be > 0 (seconds)")
+    need(cfg.optim.max_skipped_steps >= 1, "optim.max_skipped_steps", "must be >= 1")
     if cfg.optim.lr_schedule == "piecewise":
         knots = cfg.optim.lr_knots
         need(bool(knots) and all(isinstance(k, (list, tuple)) and len(k) == 2 for k in knots),
@@ -416,12 +426,15 @@ def build_data(cfg: Config, shard: Shard, device: torch.device, dtype: torch.dty
     common = dict(output=output, shard=shard, seed=cfg.run.seed, num_workers=cfg.data.workers)
     if cfg.data.loader == "dali":
         common["reader"] = cfg.data.dali_reader
-    train = pipelines.make_loader(cfg.data.loader, train_src, train=True,
-                                  batch_size=cfg.data.batch_size // ws,
-                                  resolution=per_rank_schedule(cfg.data.resolution, ws), **common)
-    val = pipelines.make_loader(cfg.data.loader, val_src, train=False,
-                                batch_size=(cfg.data.val_batch_size or cfg.data.batch_size) // ws,
-                                resolution=cfg.data.val_resolution, **common)
+    try:
+        train = pipelines.make_loader(cfg.data.loader, train_src, train=True,
+                                      batch_size=cfg.data.batch_size // ws,
+                                      resolution=per_rank_schedule(cfg.data.resolution, ws), **common)
+        val = pipelines.make_loader(cfg.data.loader, val_src, train=False,
+                                    batch_size=(cfg.data.val_batch_size or cfg.data.batch_size) // ws,
+                                    resolution=cfg.data.val_resolution, **common)
+    except ValueError as e:  # the data and the configuration do not fit (sizes, classes, shards)
+        raise ConfigError(f"data: {e}") from None
     if len(train) == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} leaves no full batch in the "
                           f"{train.num_samples} training images ({ws} rank(s))")
@@ -439,7 +452,11 @@ def build_data(cfg: Config, shard: Shard, device: torch.device, dtype: torch.dty
 # ------------------------------------------------------------------------------------------
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+    """Training diverged (a NaN or infinite loss); ``agreed``: every rank stops here at once."""
+
+    def __init__(self, message: str, agreed: bool = True) -> None:
+        super().__init__(message)
+        self.agreed = agreed
 
 
 class Trainer:
@@ -450,7 +467,7 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"launcher: {e}") from None
         check_world(cfg, self.dist.world_size)
-        self.device = init_distributed(self.dist)
+        self.device = init_distributed(self.dist, cfg.run.collective_timeout)
         seed_everything(cfg.run.seed + self.dist.rank, cfg.run.deterministic)
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -467,6 +484,7 @@ class Trainer:
                                          momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.lr = lr_schedule(cfg.optim)
+        self.guard = DivergenceGuard(self.scaler, cfg.optim.max_skipped_steps, self.device)
         self.step = build_step(cfg, self.model, self.mixer, self.scaler, self.amp_dtype)
         # The mixer's draws come from a CPU generator: no device sync per draw, and the same
         # draws (and a resumable state) on every device.
@@ -580,7 +598,8 @@ class Trainer:
         self.model.train()
         steps = len(loader) if max_steps is None else min(max_steps, len(loader))
         mixing = self.mixer is not None and epoch >= cfg.mix.warmup_epochs
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        guard = self.guard
+        guard.start_epoch()
         seen, start = 0, time.perf_counter()
         stage = timer or no_stage
         bar = progress_bar(steps, f"epoch {epoch + 1}/{cfg.optim.epochs}") if (
@@ -594,7 +613,11 @@ class Trainer:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
             before = images.clone() if mixing and self.preview_pending else None
-            out = self.step(images, labels, mix=mixing, generator=self.mix_gen, stage=timer)
+            try:
+                out = self.step(images, labels, mix=mixing, generator=self.mix_gen, stage=timer)
+            except NonFiniteSaliency:  # the clean pass diverged: a non-finite loss
+                raise NonFiniteLoss(self.divergence_message("non-finite training loss", epoch, i),
+                                    agreed=False) from None
             with stage("optimizer"):
                 if cfg.optim.grad_clip:
                     self.scaler.unscale_(self.optimizer)
@@ -608,13 +631,15 @@ class Trainer:
                     write_preview(path, before, images, labels, out, self.data.classes,
                                   pipelines.IMAGENET_MEAN, pipelines.IMAGENET_STD)
                     self.log(f"wrote mixing preview {path}")
-            loss_sum += out.loss.detach().double() * labels.shape[0]
+            guard.record(out.loss, labels.shape[0])
             seen += labels.shape[0]
             self.global_step += 1
             if (i + 1) % 10 == 0 or i + 1 == steps:  # a sync every 10 steps, not every step
-                self.check_finite(loss_sum, epoch, i)
+                if any_rank(guard.diverged()):  # every rank stops at the same step
+                    raise NonFiniteLoss(self.divergence_message(guard.reason(), epoch, i))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", lr=f"{lr:.4f}",
+                    bar.set_postfix(loss=f"{guard.loss_sum.item() / max(guard.images.item(), 1):.3f}",
+                                    lr=f"{lr:.4f}",
                                     res=loader.resolution,
                                     img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
             if bar is not None:
@@ -622,17 +647,16 @@ class Trainer:
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
-        total_loss, total_seen = all_reduce_sum([loss_sum.item(), float(seen)], self.device)
-        return {"epoch": epoch, "train_loss": total_loss / total_seen, "lr": lr,
+        total_loss, counted, total_seen = all_reduce_sum(
+            [guard.loss_sum.item(), guard.images.item(), float(seen)], self.device)
+        return {"epoch": epoch, "train_loss": total_loss / max(counted, 1), "lr": lr,
                 "resolution": loader.resolution, "batch_size": loader.batch_size * self.dist.world_size,
                 "mixing": cfg.mix.kind if mixing else "none",
                 "images_per_second": total_seen / elapsed, "epoch_seconds": elapsed}
 
-    def check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
-        if not torch.isfinite(loss_sum):
-            kept = self.checkpoints.paths()
-            raise NonFiniteLoss(
-                f"non-finite training loss at epoch {epoch}, step {step}: stopping. "
+    def divergence_message(self, reason: str, epoch: int, step: int) -> str:
+        kept = self.checkpoints.paths()
+        return (f"{reason} at epoch {epoch}, step {step}: stopping. "
                 + (f"The last good checkpoint is {kept[-1]}: resume it with --resume auto and, "
                    "to change what diverged, e.g. --optim.lr 0.01 --resume-override optim.lr "
                    "(or --optim.grad_clip 1 --resume-override optim.grad_clip)." if kept
@@ -704,20 +728,35 @@ class Trainer:
         return summary
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _main_rank() -> bool:
     try:
-        cfg = parse_config(argv)
-        trainer = Trainer(cfg)
-        return trainer.fit()
-    except (ConfigError, CheckpointError, FileNotFoundError, pipelines.MissingBackendError,
-            NonFiniteLoss) as e:
-        if __name__ == "__main__":
-            print(f"error: {e}", file=sys.stderr)
+        return Shard.from_env().main
+    except ValueError:
+        return True
+
+
+KNOWN_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, pipelines.MissingBackendError,
+                NonFiniteLoss)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; a known error is one ``error:`` line (rank 0's for a configuration error, which
+    every rank meets alike), and any failure on one rank stops every rank."""
+    ok = False
+    try:
+        summary = Trainer(parse_config(argv)).fit()
+        ok = True
+        return summary
+    except BaseException as e:
+        if not getattr(e, "agreed", False):
+            report_failure(f"{type(e).__name__}: {e}")
+        if isinstance(e, KNOWN_ERRORS) and __name__ == "__main__":
+            if not isinstance(e, ConfigError) or _main_rank():
+                print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         raise
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown(ok)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,8 @@ import torchvision
 import yaml
 
 import train_imagenet as ti
-from tests.trainrun import EPOCHS, args, assert_same_state, checkpoint, run, small_demo
+from tests.trainrun import (EPOCHS, args, assert_same_state, checkpoint, free_port, run,
+                            small_demo)
 from training.report import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,12 +178,6 @@ json.dump(summary, open(f"{out}/summary_rank{rank}.json", "w"))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_identical_and_counts_val_once(demo, tmp_path):
     """torchrun with 2 CPU processes: same parameters on both ranks after training, and
@@ -222,6 +216,16 @@ def test_profile_reports_every_stage(demo, tmp_path):
     assert (folder / "profile.png").stat().st_size > 0
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert not (folder / "checkpoints").exists()
+
+
+def test_profile_says_when_an_epoch_has_fewer_steps_and_what_is_per_rank(demo, tmp_path, capsys):
+    result = run(demo, tmp_path, "--profile", "50")
+    steps = 80 // 16
+    assert result["steps"] == steps
+    out = capsys.readouterr().out
+    assert f"--profile 50: an epoch has {steps} steps here; profiling {steps}" in out
+    assert "(rank 0 of 1)" in out and "images/s per rank" in out
+    assert result["global_images_per_second"] == result["images_per_second"] * result["world_size"]
 
 
 @pytest.mark.parametrize("mix, relative", [("grafting", True), ("sage", False)])

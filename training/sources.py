@@ -7,7 +7,7 @@ from typing import Any
 
 from pipelines import Shard
 
-from .distributed import barrier
+from .distributed import main_rank_first
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -19,14 +19,15 @@ def _split_dir(root: Path, split: str) -> Path:
 
 
 def resolve_sources(data: Any, shard: Shard) -> tuple[Any, Any]:
-    """(train source, val source) for the loader of ``data`` (the config's data section);
-    rank 0 writes the demo set or the betons if needed."""
+    """(train source, val source) for the loader of ``data`` (the config's data section).
+
+    Rank 0 writes the demo set or the betons if needed while the others wait outside any
+    collective (:func:`main_rank_first`): writing ImageNet's betons takes hours.
+    """
     if data.path is None:
         from pipelines.demo import ensure_demo_dataset
         root = Path(data.demo_root)
-        if shard.main:
-            ensure_demo_dataset(root)
-        barrier()
+        main_rank_first(shard, lambda: ensure_demo_dataset(root), "write the demo dataset")
     else:
         root = Path(data.path)
         if not root.is_dir():
@@ -39,14 +40,14 @@ def resolve_sources(data: Any, shard: Shard) -> tuple[Any, Any]:
     out = Path(data.beton_dir) / root.resolve().name
     tag = (f"r{data.ffcv_max_resolution}_q{data.ffcv_jpeg_quality}"
            f"_p{data.ffcv_compress_probability}")
-    sources = []
-    for split in ("train", "val"):
-        beton = out / f"{split}_{tag}.beton"
-        if shard.main:
-            ensure_beton(_split_dir(root, split), beton,
-                         max_resolution=data.ffcv_max_resolution,
+    betons = {split: out / f"{split}_{tag}.beton" for split in ("train", "val")}
+    folders = {split: _split_dir(root, split) for split in betons}
+
+    def write() -> None:
+        for split, beton in betons.items():
+            ensure_beton(folders[split], beton, max_resolution=data.ffcv_max_resolution,
                          jpeg_quality=data.ffcv_jpeg_quality,
                          compress_probability=data.ffcv_compress_probability)
-        sources.append(beton)
-    barrier()
-    return tuple(sources)
+
+    main_rank_first(shard, write, f"write the FFCV betons in {out}")
+    return betons["train"], betons["val"]

@@ -1,0 +1,46 @@
+"""The epoch's training loss, and what says that training diverged.
+
+Without a GradScaler a non-finite loss is divergence. With one (fp16), an overflow now and then
+is the scaler's job: it skips that step and lowers its scale, so a non-finite loss is left out
+of the epoch's mean and only a run of skipped steps longer than ``max_skipped`` is divergence.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class DivergenceGuard:
+    def __init__(self, scaler: torch.amp.GradScaler, max_skipped: int, device: torch.device) -> None:
+        self.scaler, self.max_skipped, self.device = scaler, max_skipped, device
+        self.skipped_in_a_row = 0
+        self._scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.images = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.non_finite = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def record(self, loss: torch.Tensor, n: int) -> None:
+        """Account one step's mean loss over ``n`` images, after ``scaler.update()``."""
+        loss = loss.detach().double()
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss, 0.0) * n
+        self.images += finite * n
+        self.non_finite |= ~finite
+        if self.scaler.is_enabled():  # the scaler has read its overflow flag already: no new wait
+            scale = self.scaler.get_scale()
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if scale < self._scale else 0
+            self._scale = scale
+
+    def diverged(self) -> torch.Tensor:
+        """A 0-d bool tensor: a non-finite loss without a scaler, or too many skipped steps."""
+        if self.scaler.is_enabled():
+            return torch.tensor(self.skipped_in_a_row > self.max_skipped, device=self.device)
+        return self.non_finite.clone()
+
+    def reason(self) -> str:
+        if self.scaler.is_enabled():
+            return (f"the GradScaler skipped {self.skipped_in_a_row} steps in a row (an fp16 "
+                    f"overflow at every step; optim.max_skipped_steps is {self.max_skipped})")
+        return "non-finite training loss"
