@@ -11,7 +11,9 @@ data that decoders silently turn into a damaged picture is caught; other formats
 
 Each problem has a kind; :data:`KINDS` says whether it is an error (loaders fail on it or
 mis-read it) or a warning (loaders handle it: decoded correctly to RGB, or never read).
-Exit status: 1 when there are errors, 0 otherwise, 2 when the tree cannot be listed.
+Exit status: 1 when there are errors, 0 otherwise, 2 when the tree cannot be listed (the
+message names why: a missing or unreadable folder, or the directory symlinks that loop back
+into the tree, which no loader reads either).
 """
 from __future__ import annotations
 
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
               "data cannot be detected", file=sys.stderr)
     try:
         paths, problems = list_tree(args.root)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # unlistable, a root given as a split, symlink loops
         print(f"error: {e}", file=sys.stderr)
         return 2
     problems += check_files(paths, workers=args.workers, decode=not args.quick, progress=True)

@@ -185,3 +185,21 @@ def test_unreadable_file_is_reported():
     problems = json.loads(result.stdout)["problems"]
     assert problems == [{"path": str(path), "kind": "unreadable", "severity": "error",
                          "detail": "Permission denied", "loaders": KINDS["unreadable"].loaders}]
+
+
+def test_directory_symlink_loops_exit_2_naming_every_link(tmp_path, capsys):
+    """Links back into the tree (which the loaders refuse too) are named, each one; the check
+    of a dataset root still reads its train/ and val/ splits."""
+    write_coded_tree(tmp_path / "train", classes=2, per_class=2)
+    write_coded_tree(tmp_path / "val", classes=2, per_class=1)
+    loops = [tmp_path / "train" / "c00" / "up", tmp_path / "train" / "c01" / "deep" / "root"]
+    loops[1].parent.mkdir()
+    loops[0].symlink_to("..", target_is_directory=True)
+    loops[1].symlink_to(tmp_path / "train", target_is_directory=True)
+    assert main([str(tmp_path), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "2 directory symlink(s) loop back into the tree" in err
+    assert all(str(link) in err for link in loops)
+    for link in loops:
+        link.unlink()
+    assert main([str(tmp_path), "--workers", "1"]) == 0

@@ -355,6 +355,10 @@ def source_of_kind(kind: str, tree: Path, tmp_path: Path) -> Path:
     if kind == "bad list":
         (tmp_path / "list.txt").write_text("img.JPEG cat\n")
         return tmp_path / "list.txt"
+    if kind == "dataset root":
+        for split in ("train", "val"):
+            write_coded_tree(tmp_path / split, classes=2, per_class=2)
+        return tmp_path
     if kind == "empty class":
         shutil.copytree(tree, tmp_path / "copy")
         return add_empty_class(tmp_path / "copy").parent
@@ -365,6 +369,7 @@ def source_of_kind(kind: str, tree: Path, tmp_path: Path) -> Path:
     ("missing", {}, FileNotFoundError, "neither an ImageFolder"),
     ("bad list", {}, ValueError, "list.txt:1"),
     ("empty class", {}, FileNotFoundError, "c99_empty"),
+    ("dataset root", {}, ValueError, "looks like a dataset root, not a split"),
     ("tree", dict(batch_size=64), ValueError, "no batch of 64 on rank 0 of 1"),
     ("tree", dict(num_workers=0), ValueError, "num_workers"),
     ("tree", dict(seed=-1), ValueError, "seed"),

@@ -241,6 +241,15 @@ def test_bad_write_configuration_is_refused_naming_the_option(tree, tmp_path, kw
     assert not list(tmp_path.iterdir())
 
 
+def test_a_dataset_root_is_refused_as_a_split(tmp_path):
+    """The shared listing refuses a folder whose classes would be 'train' and 'val'."""
+    for split in ("train", "val"):
+        write_coded_tree(tmp_path / "root" / split, classes=1, per_class=1)
+    with pytest.raises(ValueError, match="looks like a dataset root, not a split"):
+        write(tmp_path / "root", tmp_path / "x.beton")
+    assert not (tmp_path / "x.beton").exists()
+
+
 def test_missing_image_folder_is_an_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
         write(tmp_path / "nope", tmp_path / "x.beton")

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from pipelines.imagefolder import is_image_file, scan_image_folder
+from pipelines import make_loader
+from pipelines.imagefolder import SymlinkLoopError, is_image_file, scan_image_folder
 from tests.imagefiles import add_empty_class, jpeg_bytes, make_unreadable, write_coded_tree
 from tests.unprivileged import public_dir, run_unprivileged
 
@@ -107,3 +108,39 @@ def test_unreadable_class_folder_is_named():
         (root / "c01").chmod(0o755)
     assert result.returncode == 0, result.stderr
     assert f"cannot list class folder {root / 'c01'}" in json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("splits", [("train", "val"), ("train", "val", "test")])
+def test_a_dataset_root_given_as_a_split_is_refused_naming_the_mistake(tmp_path, splits):
+    """root/train/<class>/... and root/val/<class>/... read as a split would be two classes,
+    'train' and 'val': the scan (so every backend) refuses it and names the split to pass."""
+    for split in splits:
+        write_coded_tree(tmp_path / split, classes=2, per_class=1)
+    with pytest.raises(ValueError, match=f"looks like a dataset root, not a split; pass {tmp_path / 'train'}"):
+        scan_image_folder(tmp_path)
+    with pytest.raises(ValueError, match="looks like a dataset root"):
+        make_loader("folder", tmp_path, train=True, batch_size=1, resolution=32, num_workers=0)
+    (tmp_path / "zebra").mkdir()  # a third class that is no split name: a real split
+    touch_image(tmp_path / "zebra" / "z.jpg")
+    assert scan_image_folder(tmp_path).classes == (*sorted(splits), "zebra")
+
+
+@pytest.mark.parametrize("target", ["..", "../..", "../../..", "."])
+def test_directory_symlink_loops_are_refused_naming_the_link(tmp_path, target):
+    """c01/sub/link pointing at an ancestor (the class, the split, above it) would list the
+    same files again and again: refused with every such link named. A link elsewhere is
+    followed (see above), and so is a link to a sibling class."""
+    root = tmp_path / "split"
+    write_coded_tree(root, classes=2, per_class=2)
+    (root / "c01" / "sub").mkdir()
+    loop = root / "c01" / "sub" / "link"
+    loop.symlink_to(target, target_is_directory=True)
+    (root / "c00" / "other").symlink_to("../c01", target_is_directory=True)
+    with pytest.raises(SymlinkLoopError, match="loop back into the tree") as err:
+        scan_image_folder(root)
+    assert f"{loop} -> {target}" in str(err.value)
+    with pytest.raises(ValueError, match=str(loop)):
+        make_loader("folder", root, train=False, batch_size=1, resolution=32, num_workers=0)
+    loop.unlink()
+    index = scan_image_folder(root)
+    assert len(index) == 4 + 2 and str(root / "c00" / "other" / "img000.JPEG") in index.paths
