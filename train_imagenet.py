@@ -112,7 +112,7 @@ class OptimConfig:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0: off)."""
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    """auto: fp16 on CUDA, none on the CPU."""
+    """auto: bf16 on GPUs that have it (A100, H100), else fp16 on CUDA; none on the CPU."""
     max_skipped_steps: int = neutral(25)
     """fp16: stop when the GradScaler skips more steps than this in a row (one skip is an
     overflow it handles; a long run of them is divergence)."""
@@ -377,11 +377,19 @@ def build_step(cfg: Config, model: nn.Module, mixer: Mixer | None, scaler: torch
                        label_smoothing=cfg.optim.label_smoothing, scaler=scaler, amp_dtype=amp)
 
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     amp = cfg.optim.amp
-    if amp == "auto":
-        amp = "fp16" if device.type == "cuda" else "none"
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if amp == "auto":  # bf16 needs no GradScaler (and none of its per-step host syncs)
+        amp = ("none" if device.type != "cuda" else
+               "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return AMP_DTYPES[amp]
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    return next(name for name, d in AMP_DTYPES.items() if d == dtype)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -559,6 +567,8 @@ class Trainer:
             state = load_checkpoint(path)
         old, new = result_fields(state["config"]), result_fields(self.cfg.to_dict())
         old["world_size"], new["world_size"] = state["world_size"], self.dist.world_size
+        # amp "auto" means fp16 on CUDA and none on the CPU: compare what it meant.
+        old["optim.amp"], new["optim.amp"] = state["amp"], amp_name(self.amp_dtype)
         changes = check_resumable(old, new, set(resume_overrides(self.cfg)), path)
         for key, (was, now) in changes.items():
             self.log(f"resume override: {key} was {was!r}, now {now!r}")
@@ -566,7 +576,8 @@ class Trainer:
             record_overrides(self.run_dir, path, state["epoch"], changes)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run without fp16 (an amp override)
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.dist.rank], self.mix_gen)
         self.start_epoch, self.global_step = state["epoch"] + 1, state["step"]
         self.best_top1 = state["best_top1"]
@@ -583,7 +594,8 @@ class Trainer:
         states = all_gather(rng_state(self.mix_gen), self.dist.world_size)
         if self.dist.main:
             state = {"format": FORMAT, "config": self.cfg.to_dict(),
-                     "world_size": self.dist.world_size, "epoch": epoch, "step": self.global_step,
+                     "world_size": self.dist.world_size, "amp": amp_name(self.amp_dtype),
+                     "epoch": epoch, "step": self.global_step,
                      "model": unwrap(self.model).state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "rng": states, "best_top1": self.best_top1}

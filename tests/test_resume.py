@@ -138,6 +138,16 @@ def test_resume_override_continues_with_the_new_values_and_records_them(demo, th
     assert load_checkpoint(folder / "ckpt_epoch0002.pt")["config"]["optim"]["lr"] == 0.01
 
 
+def test_mixed_precision_is_compared_as_resolved(demo, three_epochs, tmp_path):
+    """amp "auto" means none on the CPU: resuming with "none" is the same run, with "bf16" not."""
+    copy_run(three_epochs, tmp_path)
+    with pytest.raises(ti.ConfigError, match=r"optim\.amp was 'none' there but is 'bf16' now"):
+        run(demo, tmp_path, "--epochs", "3", "--run.deterministic", "true", "--resume", "auto",
+            "--amp", "bf16")
+    run(demo, tmp_path, "--epochs", "3", "--run.deterministic", "true", "--resume", "auto",
+        "--amp", "none")
+
+
 def test_non_finite_saliency_is_the_non_finite_loss_stop(demo, tmp_path):
     """Grafting and SAGE read the diverged clean pass's saliency first: same stop, same message."""
     knots = "[[0, 0.01], [1, 0.01], [1.01, 1.0e12], [2, 1.0e12]]"
