@@ -39,12 +39,112 @@ def test_default_layer_is_the_last_convolutional_stage(arch, layer):
     assert sum(m.training for m in model.modules()) == len(list(model.modules())) - 1
 
 
+TIMM = [  # (arch, kwargs shrinking it, default layer at 128 px, min_size=4 layer at 64 px)
+    ("resnet50d", {"layers": (1, 1, 1, 1)}, "layer4", "layer3"),
+    ("efficientnet_b0", {}, "bn2", "blocks.4"),
+    ("convnext_tiny", {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}, "stages", "stages.2"),
+    ("regnetx_002", {}, "s4", "s3"),
+]
+
+
+def saliency_shape(model: nn.Module, layer: str, size: int) -> tuple[int, ...]:
+    with FeatureSaliency(model, layer) as features, torch.no_grad():
+        with features.capture():
+            model.eval()(torch.randn(1, 3, size, size))
+        model.train()
+        return tuple(features.pop().shape)
+
+
+@pytest.mark.parametrize("arch,kwargs,layer,small", TIMM, ids=[t[0] for t in TIMM])
+def test_timm_cnns_default_layer_and_min_size(arch, kwargs, layer, small):
+    """timm CNNs of four families: the last stage by default (convnext's Identity ``norm_pre``
+    after its stages is skipped), and with min_size=4 at 64 px the last stage, or stage of
+    the last container, whose map is 4x4 or more."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=10, **kwargs)
+    assert find_feature_layer(model, 128) == layer
+    assert saliency_shape(model, layer, 128) == (1, 4, 4)
+    assert find_feature_layer(model, 64) == layer
+    assert find_feature_layer(model, 64, min_size=4) == small
+    assert saliency_shape(model, small, 64) == (1, 4, 4)
+
+
+@pytest.mark.parametrize("arch,layer", [("resnet18", "layer3"), ("mobilenet_v3_small", "features.8"),
+                                        ("efficientnet_b0", "features.5")])
+def test_min_size_picks_a_finer_layer_at_low_resolution(arch, layer):
+    """At 64 px ResNet's layer4 is 2x2: min_size=4 gives layer3 (4x4); MobileNet/EfficientNet's
+    ``features`` is 2x2 too: the last ``features.N`` with a 4x4 map."""
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    assert find_feature_layer(model, 64, min_size=4) == layer
+    assert saliency_shape(model, layer, 64) == (1, 4, 4)
+    assert find_feature_layer(model, 64, min_size=2) == find_feature_layer(model, 64)
+    with pytest.raises(ValueError, match=r"no layer of \w+ outputs a map of at least 40x40 for a "
+                                         r"64x64 input .*lower min_size.*feature_layer"):
+        find_feature_layer(model, 64, min_size=40)
+    with pytest.raises(ValueError, match="min_size must be a positive int"):
+        find_feature_layer(model, 64, min_size=0)
+
+
+def tiny_vit() -> nn.Module:
+    """torchvision's ViT (a conv patch embedding, then tokens): it accepts only 32 px input."""
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                                hidden_dim=16, mlp_dim=16, num_classes=10)
+
+
+def test_a_failed_probe_says_so_and_names_the_option():
+    """A model with a fixed input size probed at another: a ValueError naming the probe's size
+    and ``feature_layer`` (not the model's own AssertionError); probed at its size (or on
+    an example batch) the layer is found."""
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"probing VisionTransformer with a \(1, 3, 128, 128\) input to "
+                                         r"find its feature layer failed \(AssertionError: .*feature_layer"):
+        find_feature_layer(model)
+    assert find_feature_layer(model, 32) == "conv_proj"
+    assert find_feature_layer(model, example=torch.randn(5, 3, 32, 32)) == "conv_proj"
+
+
 def test_layer_search_errors_name_the_problem():
     with pytest.raises(ValueError, match="has no Conv2d layer"):
         find_feature_layer(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
     flat = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
-    with pytest.raises(ValueError, match="no direct child of Sequential outputs a spatial map"):
+    with pytest.raises(ValueError, match=r"no direct child of Sequential outputs a spatial map .* for a "
+                                         r"128x128 input; inner layers that do: 0\.0; .*feature_layer"):
         find_feature_layer(flat)
+    tokens = nn.Sequential(nn.Flatten(2), nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=r"for a 8x8 input; no layer of it does; name the layer "
+                                         r"explicitly with feature_layer"):
+        find_feature_layer(tokens, example=torch.randn(2, 3, 8, 8))
+
+
+def test_lazy_layer_choice_probes_the_first_batch():
+    """probe_size=None: no layer until the first batch, probed on its first image at its size,
+    in eval mode, the training modes restored; then the map of the batch is captured."""
+    seen = []
+
+    class Sized(nn.Module):  # a 2-stage CNN that accepts 40 px only and records its calls
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stage = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            assert x.shape[-1] == 40, "40 px only"
+            seen.append((x.shape[0], self.training))
+            return self.head(self.stage(self.stem(x)))
+    model = Sized()
+    with pytest.raises(ValueError, match=r"\(1, 3, 128, 128\) input to find its feature layer failed"):
+        FeatureSaliency(model)
+    features = FeatureSaliency(model, probe_size=None)
+    assert features.layer is None
+    with pytest.raises(RuntimeError, match="not chosen yet"):
+        with features.capture():
+            pass
+    x = torch.randn(3, 3, 40, 40)
+    with features, features.capture(x), torch.no_grad():
+        assert features.layer == "stage" and seen == [(1, False)] and model.training
+        model(x)
+        assert features.pop().shape == (3, 20, 20)
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])

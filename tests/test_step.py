@@ -65,9 +65,11 @@ def one_hot(labels, smoothing=0.0):
     return nn.functional.one_hot(labels, K).float() * (1 - smoothing) + smoothing / K
 
 
-def reference(model, mixer, images, labels, eta, seed, smoothing=0.0, reduction="mean_abs", amp=None):
+def reference(model, mixer, images, labels, eta, seed, smoothing=0.0, reduction="mean_abs", amp=None,
+              weights=None):
     """Each pass separately on a copy of the model: (expected grads, saliency, mixed images,
-    MixResult, clean loss, mixed loss)."""
+    MixResult, clean loss, mixed loss); the passes weighted (1 - eta, eta) or ``weights``
+    (clean, mixed)."""
     model = copy.deepcopy(model)
     params = list(model.parameters())
     autocast = lambda: torch.autocast("cpu", amp, enabled=amp is not None)  # noqa: E731
@@ -86,7 +88,8 @@ def reference(model, mixer, images, labels, eta, seed, smoothing=0.0, reduction=
     with autocast():
         mixed = soft_target_cross_entropy(model(mixed_x), result.targets)
     g_mixed = torch.autograd.grad(mixed, params)
-    grads = [eta * m + (1 - eta) * c for m, c in zip(g_mixed, g_clean)]
+    clean_w, mixed_w = weights or (1 - eta, eta)
+    grads = [mixed_w * m + clean_w * c for m, c in zip(g_mixed, g_clean)]
     return grads, saliency, mixed_x, result, clean.detach(), mixed.detach()
 
 
@@ -281,7 +284,6 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
             (SaliencyMixup(K), 1.0)]
     for i, (mixer, eta) in enumerate(runs):
         step = TwoPassStep(ddp, mixer, eta=eta)
-        assert step.features is None or step.features.layer == "stage"  # found through the wrapper
         images, labels = data(seed=10 * rank + i)            # different data on each rank
         grads, *_ = reference(model, mixer, images, labels, eta, seed=rank)
         for g in grads:                                       # what DDP must produce: the mean
@@ -290,6 +292,7 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
         optimizer.zero_grad()
         reductions.clear()
         step(images, labels, generator=torch.Generator().manual_seed(rank))
+        assert step.features is None or step.features.layer == "stage"  # found through the wrapper
         assert len(reductions) == per_backward, "the clean pass must not all-reduce"
         assert_grads_close(step_grads(model), grads, rtol=1e-4, atol=1e-6)
         optimizer.step()
