@@ -85,7 +85,8 @@ def resolve_workers(num_workers: int | None, *, allow_zero: bool = False,
     ``allow_zero``; at most ``limit``, called ``limit_name`` in the error), or by default
     :func:`cpu_share` capped at ``limit``."""
     if num_workers is None:
-        return min(cpu_share(), limit or cpu_share())
+        share = cpu_share()
+        return min(share, limit) if limit else share
     if (not isinstance(num_workers, int) or isinstance(num_workers, bool)
             or num_workers < (0 if allow_zero else 1)):
         kind = "a non-negative" if allow_zero else "a positive"
