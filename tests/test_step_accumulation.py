@@ -115,8 +115,9 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
     images, labels = data(n=4, seed=99)
     soft_target_cross_entropy(ddp(images), one_hot(labels)).backward()  # buckets per backward
     per_backward = len(reductions)
-    for i, name in enumerate(RUNS):
-        step = make_step(ddp, name)
+    for i, (name, wrapped) in enumerate([(name, ddp) for name in RUNS] +
+                                         [("grafting", torch.compile(ddp, backend="eager"))]):
+        step = make_step(wrapped, name)  # the DDP module is found inside torch.compile's wrapper
         model.zero_grad(set_to_none=True)
         fed = []
         for k in range(MICRO):
@@ -138,7 +139,8 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
 @pytest.mark.timeout(300)
 def test_ddp_accumulation_all_reduces_once_on_the_last_micro_batch():
     """2 gloo ranks, K = 2 micro-batches each with sync only on the last, for two-pass
-    (feature and gradient saliency, eta and explicit weights), single-pass and unmixed steps:
+    (feature and gradient saliency, eta and explicit weights), single-pass and unmixed steps,
+    and a two-pass step on ``torch.compile(ddp)``:
     no bucket is all-reduced during the first micro-batch, one backward's worth during the
     last, and the gradients are the ranks' mean of their concatenated batches' gradients."""
     with socket.socket() as s:
