@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch and numpy first: FFCV's setup.py builds against them.
 	$(PY) -m pip install -q -c constraints.txt torch torchvision numpy setuptools wheel
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,timm]'
 	touch $@
 
 setup: $(STAMP)

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_imagenet as ti  # noqa: E402
 from mixing.step import TwoPassStep  # noqa: E402
+from training.report import StageTimer  # noqa: E402
 
 MIXES = ("none", "mixup", "cutmix", "grafting", "sage")
 TARGETS = {"mixup": 1.02, "cutmix": 1.02, "grafting": 2.05, "sage": 2.10}
@@ -72,7 +73,7 @@ def bench_size(runs: dict, batch_size: int, res: int, args: argparse.Namespace, 
             one_step(step, opt, scaler, batch.clone(), labels, gen)
 
     times = {mix: [] for mix in runs}
-    timers = {mix: ti.StageTimer(device) for mix in runs}
+    timers = {mix: StageTimer(device) for mix in runs}
     for _ in range(args.steps):  # interleaved rounds
         for mix, (step, opt, scaler) in runs.items():
             images = batch.clone()

@@ -93,10 +93,12 @@ def find_feature_layer(model: nn.Module, probe_size: int = 128, *, min_size: int
     final convolution) of its EfficientNets. A child that passes its input through unchanged
     (an ``nn.Identity`` such as timm's ``norm_pre``) is skipped: it would give the same map.
 
-    ``min_size``: the last layer whose map is at least ``min_size`` cells a side, looking at
-    the direct children first, from the last spatial one backwards, and inside a child whose
-    own map is too small (its last fitting sub-layer, e.g. ``features.8`` of MobileNetV3 or
-    ``stages.2`` of ConvNeXt at 64 px with ``min_size=4``, where ResNet gives ``layer3``).
+    ``min_size``: the last layer whose map is at least ``min_size`` cells a side. The spatial
+    direct children are taken from the last backwards: a child whose map is that large, or
+    else the last of its own children (one level down) whose map is. At 64 px with
+    ``min_size=4``: ``layer3`` of a ResNet (``layer4`` is 2x2, and so are its blocks),
+    ``features.8`` of MobileNetV3-small, ``stages.2`` of ConvNeXt, ``blocks.4`` of timm's
+    EfficientNet.
 
     Found by one no-grad forward, in eval mode (every module's training mode is restored), of
     the first image of ``example`` (a batch at the run's resolution; its dtype and device are
@@ -140,9 +142,11 @@ def find_feature_layer(model: nn.Module, probe_size: int = 128, *, min_size: int
         raise ValueError(f"no direct child of {type(model).__name__} outputs a spatial map "
                          f"(N, C, h, w) with h * w > 1 for a {size} input{where}; {NAME_IT}")
     for name in reversed(stages):
-        inside = [name] + [child for child in ran_children(name) if fits(child)]
-        if fits(name) or len(inside) > 1:
-            return inside[0] if fits(name) else inside[-1]
+        if fits(name):
+            return name
+        inside = [child for child in ran_children(name) if fits(child)]
+        if inside:
+            return inside[-1]
     raise ValueError(f"no layer of {type(model).__name__} outputs a map of at least {min_size}x"
                      f"{min_size} for a {size} input (its last stage {stages[-1]!r} gives "
                      f"{'x'.join(map(str, outputs[stages[-1]][0][-2:]))}); lower min_size, raise the "

@@ -110,7 +110,7 @@ class TwoPassStep:
                  label_smoothing: float | None = None, scaler: torch.amp.GradScaler | None = None,
                  amp_dtype: torch.dtype | None = None) -> None:
         self.clean_weight, self.mixed_weight = pass_weights(eta, clean_weight, mixed_weight)
-        self.eta = eta if clean_weight is None else None
+        self.eta = self.mixed_weight if clean_weight is None and mixed_weight is None else None
         if gradient_reduction not in GRADIENT_REDUCTIONS:
             raise ValueError(f"gradient_reduction must be one of {GRADIENT_REDUCTIONS}, "
                              f"got {gradient_reduction!r}")
