@@ -1,6 +1,7 @@
 """pipelines.resize on real JPEG trees written here: sizes, mirrored paths, resume, bad files."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -19,8 +20,9 @@ from tests.imagefiles import (jpeg_bytes, write_cmyk_jpeg, write_corrupt_jpeg,
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = 32
-#: (width, height) of the images: larger and smaller than SHORT, landscape and portrait.
-SIZES = ((120, 80), (60, 100), (32, 48), (20, 30), (99, 64))
+#: (width, height) of the images: larger and smaller than SHORT, landscape and portrait; the
+#: 400 x 300 one is decoded at 1/4 scale (Image.draft) before LANCZOS.
+SIZES = ((120, 80), (60, 100), (32, 48), (20, 30), (99, 64), (400, 300))
 
 
 def photo(w: int, h: int, seed: int) -> Image.Image:
@@ -143,13 +145,16 @@ def test_bad_files_reported_and_converted(tmp_path, capsys):
     png = write_png_named_jpeg(d / "png.JPEG")
     big_cmyk = Image.new("RGB", (100, 70), (30, 160, 90))
     big_cmyk.convert("CMYK").save(d / "big_cmyk.JPEG", quality=95)
+    (src / "b").mkdir()              # an empty class: mirrored empty, so no label shifts
     code, out, err = run_main(capsys, str(src), str(dst), "--short-side", "48", "--workers", "2")
     assert code == 1, err
     for name in ("corrupt", "truncated"):
         assert str(d / f"{name}.JPEG") in out
         assert not (dst / "a" / f"{name}.JPEG").exists()
-    assert out.count("ERROR") == 2
-    listed = out.split("not written (2):", 1)[1].split()
+    assert out.count("ERROR") == 3 and f"empty_class   {src / 'b'}" in out
+    assert (dst / "b").is_dir() and not any((dst / "b").iterdir())
+    after = out.split("not written (2):\n", 1)[1].splitlines()
+    listed = [ln.strip() for ln in itertools.takewhile(lambda ln: ln.startswith("  "), after)]
     assert sorted(listed) == sorted(str(d / f"{n}.JPEG") for n in ("corrupt", "truncated"))
     for name, color in (("cmyk", cmyk), ("gray", gray), ("png", png), ("big_cmyk", (30, 160, 90))):
         with Image.open(dst / "a" / f"{name}.JPEG") as img:
