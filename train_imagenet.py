@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import yaml
 
 import pipelines
@@ -40,18 +40,19 @@ from mixing.sage import SAGE
 from mixing.saliency import get_layer, unwrap
 from mixing.step import TwoPassStep, no_stage
 from pipelines import Shard
-from pipelines.resolution import Phase, Phases, ResolutionSchedule, schedule_from_dict
+from pipelines.resolution import Phases, schedule_from_dict
 from training import config as conf
-from training.blurpool import apply_blurpool
 from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, check_resumable,
-                                 load_checkpoint, record_overrides, rng_state, set_rng_state)
+                                 record_overrides, rng_state, set_rng_state)
 from training.config import ConfigError, neutral
+from training.data import build_data
 from training.distributed import (all_gather, all_reduce_sum, any_rank, barrier, init_distributed,
                                   report_failure, shutdown)
 from training.guard import DivergenceGuard
-from training.report import (EpochLog, StageTimer, epoch_line, progress_bar, report_profile,
-                             write_preview)
-from training.sources import resolve_sources
+from training.ema import ModelEma
+from training.models import apply_blurpool, check_arch, create_model, param_groups
+from training.report import (EpochLog, Scalars, StageTimer, epoch_line, progress_bar,
+                             report_profile, step_scalars, write_csv, write_preview)
 
 MIXERS: dict[str, type[Mixer]] = {
     "mixup": Mixup, "cutmix": CutMix, "grafting": SaliencyGrafting, "sage": SAGE}
@@ -64,10 +65,14 @@ MIXERS: dict[str, type[Mixer]] = {
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"
-    """Any torchvision classification model (``torchvision.models.list_models``)."""
+    """A torchvision classification model (``torchvision.models.list_models``) or
+    ``timm/NAME``, any ``timm.create_model`` name (``pip install 'salmix[timm]'``)."""
     blurpool: bool = False
     """FFCV's BlurPool before every strided convolution."""
     channels_last: bool = True
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.9998) and
+    evaluate it beside the model; 0: off."""
 
 
 @dataclass
@@ -88,7 +93,7 @@ class DataConfig:
     beton_dir: str = neutral("data/ffcv")
     dali_reader: Literal["feed", "file"] = "feed"
     """DALI only: ``feed`` (exact, resumable epoch order) or ``file`` (DALI's
-    ``fn.readers.file``, NVIDIA's recipe; see ``docs/design/dali.md``)."""
+    ``fn.readers.file``, NVIDIA's recipe); why both: ``docs/design/dali.md``."""
     ffcv_max_resolution: int = 256
     ffcv_jpeg_quality: int = 90
     ffcv_compress_probability: float = 0.5
@@ -125,6 +130,11 @@ class MixConfig:
     """Epochs trained without mixing first (the Saliency Grafting paper warms up 5)."""
     eta: float = 0.5
     """Weight of the mixed pass in the two-pass step (the clean pass gets 1 - eta)."""
+    prob: float = 1.0
+    """Probability that a batch is mixed (timm's ``--mixup-prob``); an unmixed batch takes
+    one pass."""
+    off_epoch: int | None = None
+    """Stop mixing from this epoch on (timm's ``--mixup-off-epoch``); None: never."""
     feature_layer: str | None = None
     """Module whose output gives forward saliency (default: the last conv stage); only read
     by feature-saliency mixers (grafting)."""
@@ -162,6 +172,10 @@ class RunConfig:
     preview: str | None = neutral(None)
     """Write a PNG grid of mixed pairs at the first mixed step (relative: in the run folder)."""
     progress: bool = neutral(True)
+    tensorboard: bool = neutral(True)
+    """TensorBoard scalars in the run folder's ``tensorboard/`` (rank 0)."""
+    wandb: str | None = neutral(None)
+    """Also log to this Weights & Biases project (needs ``pip install wandb``)."""
     collective_timeout: float = neutral(600.0)
     """Seconds a rank waits in a collective before the process group gives up (NCCL's
     default); data preparation on rank 0 waits outside collectives, however long."""
@@ -214,10 +228,6 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def classification_models() -> list[str]:
-    return torchvision.models.list_models(module=torchvision.models)
-
-
 def resume_overrides(cfg: Config) -> list[str]:
     return [k.strip() for k in (cfg.run.resume_override or "").split(",") if k.strip()]
 
@@ -233,9 +243,13 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {what}")
 
-    need(cfg.model.arch in classification_models(), "model.arch",
-         f"unknown torchvision classification model {cfg.model.arch!r}"
-         + conf.suggest(cfg.model.arch, classification_models()))
+    check_arch(cfg.model.arch)
+    need(0 <= cfg.model.ema_decay < 1, "model.ema_decay", "must lie in [0, 1) (0: no EMA)")
+    need(0 <= cfg.mix.prob <= 1, "mix.prob", "must lie in [0, 1]")
+    need(cfg.mix.off_epoch is None or cfg.mix.off_epoch >= cfg.mix.warmup_epochs, "mix.off_epoch",
+         f"must be >= mix.warmup_epochs ({cfg.mix.warmup_epochs}) or null")
+    need(not cfg.run.wandb or importlib.util.find_spec("wandb") is not None, "run.wandb",
+         "Weights & Biases is not installed (pip install wandb)")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     need(cfg.data.val_batch_size is None or cfg.data.val_batch_size >= 1, "data.val_batch_size",
          "must be >= 1 (or null: the training batch size)")
@@ -281,7 +295,7 @@ def validate(cfg: Config) -> None:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{name}: {e}") from None
     if cfg.mix.feature_layer is not None and MIXERS.get(cfg.mix.kind, Mixer).saliency_kind == "feature":
-        model = torchvision.models.get_model(cfg.model.arch, weights=None)
+        model = create_model(cfg.model.arch, 1000)
         try:
             get_layer(model, cfg.mix.feature_layer)
         except (AttributeError, KeyError, ValueError) as e:
@@ -311,30 +325,13 @@ def check_world(cfg: Config, world_size: int) -> None:
 # ------------------------------------------------------------------------------------------
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
-    model = torchvision.models.get_model(cfg.model.arch, weights=None, num_classes=num_classes)
+    model = create_model(cfg.model.arch, num_classes)
     if cfg.model.blurpool:
         apply_blurpool(model)
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: BatchNorm parameters and biases get no weight decay, the rest do.
-
-    Decided by module type and by being a module's ``bias``, never by parameter names.
-    """
-    no_decay: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            no_decay.update({id(p): p for p in module.parameters(recurse=False)})
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter):
-            no_decay[id(bias)] = bias
-    decay = [p for p in model.parameters() if id(p) not in no_decay]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": list(no_decay.values()), "weight_decay": 0.0}]
 
 
 @dataclass(frozen=True)
@@ -405,57 +402,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------
-
-@dataclass
-class Data:
-    train: pipelines.Loader
-    val: pipelines.Loader
-    num_classes: int
-    classes: list[str] | None
-
-
-def per_rank_schedule(spec: Any, world_size: int) -> ResolutionSchedule:
-    """The resolution schedule with its global batch sizes divided over the ranks."""
-    schedule = schedule_from_dict(spec)
-    if isinstance(schedule, Phases):
-        return Phases(tuple(Phase(p.start_epoch, p.res, p.bs and p.bs // world_size)
-                            for p in schedule.phases))
-    if getattr(schedule, "bs", None):
-        return dataclasses.replace(schedule, bs=schedule.bs // world_size)
-    return schedule
-
-
-def build_data(cfg: Config, shard: Shard, device: torch.device, dtype: torch.dtype) -> Data:
-    train_src, val_src = resolve_sources(cfg.data, shard)
-    ws = shard.world_size
-    output = pipelines.OutputSpec(device=device, dtype=dtype, channels_last=cfg.model.channels_last)
-    common = dict(output=output, shard=shard, seed=cfg.run.seed, num_workers=cfg.data.workers)
-    if cfg.data.loader == "dali":
-        common["reader"] = cfg.data.dali_reader
-    try:
-        train = pipelines.make_loader(cfg.data.loader, train_src, train=True,
-                                      batch_size=cfg.data.batch_size // ws,
-                                      resolution=per_rank_schedule(cfg.data.resolution, ws), **common)
-        val = pipelines.make_loader(cfg.data.loader, val_src, train=False,
-                                    batch_size=(cfg.data.val_batch_size or cfg.data.batch_size) // ws,
-                                    resolution=cfg.data.val_resolution, **common)
-    except ValueError as e:  # the data and the configuration do not fit (sizes, classes, shards)
-        raise ConfigError(f"data: {e}") from None
-    if len(train) == 0:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} leaves no full batch in the "
-                          f"{train.num_samples} training images ({ws} rank(s))")
-    if train.num_classes != val.num_classes:
-        raise ValueError(f"train has {train.num_classes} classes but val has {val.num_classes}")
-    classes = None
-    if cfg.data.loader != "ffcv":
-        from pipelines.imagefolder import scan_image_folder
-        classes = list(scan_image_folder(train_src).classes)
-    return Data(train, val, train.num_classes, classes)
-
-
-# ------------------------------------------------------------------------------------------
 # Training and evaluation
 # ------------------------------------------------------------------------------------------
 
@@ -493,6 +439,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.lr = lr_schedule(cfg.optim)
         self.guard = DivergenceGuard(self.scaler, cfg.optim.max_skipped_steps, self.device)
+        self.ema = ModelEma(model, cfg.model.ema_decay) if cfg.model.ema_decay else None
         self.step = build_step(cfg, self.model, self.mixer, self.scaler, self.amp_dtype)
         # The mixer's draws come from a CPU generator: no device sync per draw, and the same
         # draws (and a resumable state) on every device.
@@ -501,6 +448,7 @@ class Trainer:
         self.epoch_log = EpochLog(self.run_dir / "log.jsonl")
         self.start_epoch, self.global_step, self.best_top1 = 0, 0, -1.0
         self.preview_pending = cfg.run.preview is not None
+        self.scalars: Scalars | None = None
 
     def log(self, msg: str) -> None:
         if self.dist.main:
@@ -524,6 +472,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(config_yaml)
         if cfg.run.profile:
             return self.profile(cfg.run.profile)
+        if self.dist.main:
+            self.scalars = Scalars(self.run_dir, cfg.run.tensorboard, cfg.run.wandb,
+                                   cfg.to_dict(), self.global_step)
         history = []
         end = cfg.optim.epochs
         if cfg.run.stop_after:
@@ -533,6 +484,9 @@ class Trainer:
             last = epoch + 1 == cfg.optim.epochs
             if last or (epoch + 1) % cfg.eval.every == 0:
                 stats.update(self.evaluate())
+                if self.ema is not None:
+                    ema = self.evaluate(self.ema.module)
+                    stats.update({f"{k}_ema": v for k, v in ema.items() if k != "val_images"})
             is_best = stats.get("val_top1", -1.0) > self.best_top1
             self.best_top1 = max(self.best_top1, stats.get("val_top1", -1.0))
             self.save(epoch, is_best)
@@ -540,31 +494,20 @@ class Trainer:
             self.log(epoch_line(stats, cfg.optim.epochs))
             if self.dist.main:
                 self.epoch_log.append(stats)
+                write_csv(self.epoch_log.path, self.run_dir / "metrics.csv")
+                self.scalars.log("epoch", stats, self.global_step)
+        if self.scalars is not None:
+            self.scalars.close()
         return self.summary(history)
 
     def maybe_resume(self) -> None:
         if self.dist.main and self.checkpoints.folder.is_dir():
             for stale in self.checkpoints.remove_temporaries():
                 self.log(f"removed {stale} (an interrupted checkpoint write)")
-        resume = self.cfg.run.resume
-        if resume is None:
-            if self.checkpoints.paths():
-                raise ConfigError(
-                    f"run.resume: {self.checkpoints.folder} already holds checkpoints; pass "
-                    f"--resume auto to continue that run or --run.name NEW to start another")
+        found = self.checkpoints.select(self.cfg.run.resume, self.log)
+        if found is None:
             return
-        if resume == "auto":
-            found = self.checkpoints.load_newest_valid(self.log)
-            if found is None:
-                self.log(f"--resume auto: no valid checkpoint in {self.checkpoints.folder}; "
-                         "starting from scratch")
-                return
-            path, state = found
-        else:
-            path = Path(resume)
-            if not path.is_file():
-                raise FileNotFoundError(f"run.resume: checkpoint {path} does not exist")
-            state = load_checkpoint(path)
+        path, state = found
         old, new = result_fields(state["config"]), result_fields(self.cfg.to_dict())
         old["world_size"], new["world_size"] = state["world_size"], self.dist.world_size
         # amp "auto" means fp16 on CUDA and none on the CPU: compare what it meant.
@@ -576,6 +519,8 @@ class Trainer:
             record_overrides(self.run_dir, path, state["epoch"], changes)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         if state["scaler"]:  # empty from a run without fp16 (an amp override)
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.dist.rank], self.mix_gen)
@@ -598,7 +543,8 @@ class Trainer:
                      "epoch": epoch, "step": self.global_step,
                      "model": unwrap(self.model).state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "rng": states, "best_top1": self.best_top1}
+                     "rng": states, "best_top1": self.best_top1,
+                     "ema": self.ema.state_dict() if self.ema is not None else None}
             self.checkpoints.save(state, epoch, is_best)
         barrier()
 
@@ -609,7 +555,9 @@ class Trainer:
         loader.set_epoch(epoch)
         self.model.train()
         steps = len(loader) if max_steps is None else min(max_steps, len(loader))
-        mixing = self.mixer is not None and epoch >= cfg.mix.warmup_epochs
+        mixing = (self.mixer is not None and epoch >= cfg.mix.warmup_epochs
+                  and (cfg.mix.off_epoch is None or epoch < cfg.mix.off_epoch))
+        mixed = 0
         guard = self.guard
         guard.start_epoch()
         seen, start = 0, time.perf_counter()
@@ -624,9 +572,12 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            before = images.clone() if mixing and self.preview_pending else None
+            mix = mixing and (cfg.mix.prob >= 1 or  # drawn only when needed: runs stay as they were
+                              bool(torch.rand((), generator=self.mix_gen) < cfg.mix.prob))
+            mixed += mix
+            before = images.clone() if mix and self.preview_pending else None
             try:
-                out = self.step(images, labels, mix=mixing, generator=self.mix_gen, stage=timer)
+                out = self.step(images, labels, mix=mix, generator=self.mix_gen, stage=timer)
             except NonFiniteSaliency:  # the clean pass diverged: a non-finite loss
                 raise NonFiniteLoss(self.divergence_message("non-finite training loss", epoch, i),
                                     agreed=False) from None
@@ -636,6 +587,8 @@ class Trainer:
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.ema is not None:
+                    self.ema.update(unwrap(self.model))
             if before is not None:
                 self.preview_pending = False
                 if self.dist.main:
@@ -649,6 +602,8 @@ class Trainer:
             if (i + 1) % 10 == 0 or i + 1 == steps:  # a sync every 10 steps, not every step
                 if any_rank(guard.diverged()):  # every rank stops at the same step
                     raise NonFiniteLoss(self.divergence_message(guard.reason(), epoch, i))
+                if self.scalars is not None:
+                    self.scalars.log("train", step_scalars(out, lr, loader.resolution), self.global_step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{guard.loss_sum.item() / max(guard.images.item(), 1):.3f}",
                                     lr=f"{lr:.4f}",
@@ -663,7 +618,7 @@ class Trainer:
             [guard.loss_sum.item(), guard.images.item(), float(seen)], self.device)
         return {"epoch": epoch, "train_loss": total_loss / max(counted, 1), "lr": lr,
                 "resolution": loader.resolution, "batch_size": loader.batch_size * self.dist.world_size,
-                "mixing": cfg.mix.kind if mixing else "none",
+                "mixing": cfg.mix.kind if mixing else "none", "mixed_fraction": mixed / max(steps, 1),
                 "images_per_second": total_seen / elapsed, "epoch_seconds": elapsed}
 
     def divergence_message(self, reason: str, epoch: int, step: int) -> str:
@@ -676,17 +631,20 @@ class Trainer:
 
     # -- evaluate ----------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Top-1/top-5 over the whole val set; each rank counts its exact shard once."""
-        self.model.eval()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Top-1/top-5 of ``model`` (default: the one trained) over the whole val set; each
+        rank counts its exact shard once."""
+        model = model or self.model
+        training = model.training
+        model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # top1, top5, loss, n
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype,
                                   enabled=self.amp_dtype is not None)
         for images, labels in self.data.val:
             with autocast:
-                logits = self.model(images).float()
+                logits = model(images).float()
                 if self.cfg.eval.flip_tta:
-                    logits = logits + self.model(torch.flip(images, dims=[3])).float()
+                    logits = logits + model(torch.flip(images, dims=[3])).float()
             k = min(5, self.num_classes)
             top = logits.topk(k, dim=1).indices
             hit = top == labels[:, None]
@@ -694,7 +652,7 @@ class Trainer:
                                  F.cross_entropy(logits, labels, reduction="sum"),
                                  torch.tensor(labels.shape[0], device=self.device)]).double()
         top1, top5, loss, n = all_reduce_sum(sums.tolist(), self.device)
-        self.model.train()
+        model.train(training)
         return {"val_top1": top1 / n, "val_top5": top5 / n, "val_loss": loss / n,
                 "val_images": int(n)}
 

@@ -19,6 +19,7 @@ import yaml
 import train_imagenet as ti
 from tests.trainrun import (EPOCHS, args, assert_same_state, checkpoint, free_port, run,
                             small_demo)
+from training.checkpoint import Checkpoints, load_checkpoint
 from training.report import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,8 +160,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo, tmp_path
     with pytest.raises(ti.NonFiniteLoss, match="ckpt_epoch0000.pt"):
         run(demo, tmp_path, "--optim.lr_schedule", "piecewise", "--optim.lr_knots", knots)
     folder = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in ti.Checkpoints(folder, 3).paths()] == ["ckpt_epoch0000.pt"]
-    state = ti.load_checkpoint(folder / "ckpt_epoch0000.pt")
+    assert [p.name for p in Checkpoints(folder, 3).paths()] == ["ckpt_epoch0000.pt"]
+    state = load_checkpoint(folder / "ckpt_epoch0000.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 

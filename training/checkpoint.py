@@ -150,6 +150,26 @@ class Checkpoints:
             moved.append(target)
         return moved
 
+    def select(self, resume: str | None, log: Callable[[str], None]
+               ) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint that ``run.resume`` names (None, ``auto`` or a path), loaded; None to
+        start from scratch. Without ``resume`` a folder that holds checkpoints is refused."""
+        if resume is None:
+            if self.paths():
+                raise ConfigError(
+                    f"run.resume: {self.folder} already holds checkpoints; pass --resume auto "
+                    f"to continue that run or --run.name NEW to start another")
+            return None
+        if resume == "auto":
+            found = self.load_newest_valid(log)
+            if found is None:
+                log(f"--resume auto: no valid checkpoint in {self.folder}; starting from scratch")
+            return found
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"run.resume: checkpoint {path} does not exist")
+        return path, load_checkpoint(path)
+
     def load_newest_valid(self, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
         for path in reversed(self.paths()):
             try:

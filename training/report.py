@@ -167,3 +167,61 @@ def _epoch_of(line: str) -> float:
 def progress_bar(total: int, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+
+CSV_COLUMNS = ("epoch", "train_loss", "lr", "resolution", "batch_size", "mixing",
+               "mixed_fraction", "images_per_second", "epoch_seconds", "val_top1", "val_top5",
+               "val_loss", "val_top1_ema", "val_top5_ema")
+
+
+def write_csv(log: Path, out: Path) -> None:
+    """``metrics.csv``: one row per epoch of ``log.jsonl`` (so it follows its one trajectory)."""
+    import csv
+
+    rows = [json.loads(line) for line in log.read_text().splitlines() if _epoch_of(line) != float("inf")]
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out)
+
+
+class Scalars:
+    """TensorBoard scalars in ``run_dir/tensorboard`` and, when asked, Weights & Biases; used on
+    rank 0 only. A resumed run drops the events after its step (TensorBoard's ``purge_step``)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, wandb_project: str | None,
+                 config: dict[str, Any], step: int) -> None:
+        self.tb = self.wandb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+        if wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=run_dir.name, dir=str(run_dir),
+                                    config=config, resume="allow")
+
+    def log(self, prefix: str, values: dict[str, float], step: int) -> None:
+        values = {f"{prefix}/{k}": float(v) for k, v in values.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def step_scalars(out, lr: float, resolution: int) -> dict[str, float]:
+    """What TensorBoard shows per logged step: the loss, LR, size and the mixing weights."""
+    values = {"loss": out.loss.item(), "lr": lr, "resolution": resolution}
+    if out.mix is not None:
+        weight = out.mix.weight.float()
+        values.update(mix_weight_mean=weight.mean().item(), mix_weight_std=weight.std().item())
+    return values

@@ -1,0 +1,80 @@
+"""The networks: any torchvision classification model or timm model (``timm/NAME``), FFCV's
+BlurPool, and the optimizer's parameter groups."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from .config import ConfigError, suggest
+
+
+def classification_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_arch(arch: str) -> None:
+    """A torchvision model name or ``timm/NAME``; otherwise a ConfigError with suggestions."""
+    if arch.startswith("timm/"):
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"model.arch: {arch} needs timm, which is not installed: "
+                              "pip install 'salmix[timm]' (or pip install timm)") from None
+        name = arch[len("timm/"):]
+        if not timm.is_model(name):
+            raise ConfigError(f"model.arch: unknown timm model {name!r}"
+                              + suggest(name, timm.list_models()))
+    elif arch not in classification_models():
+        raise ConfigError(f"model.arch: unknown torchvision classification model {arch!r}"
+                          + suggest(arch, classification_models()))
+
+
+def create_model(arch: str, num_classes: int) -> nn.Module:
+    """The randomly initialised network ``arch`` (torchvision, or timm with ``timm/``)."""
+    if arch.startswith("timm/"):
+        import timm
+        return timm.create_model(arch[len("timm/"):], pretrained=False, num_classes=num_classes)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+class BlurPoolConv2d(nn.Module):
+    """FFCV's anti-aliasing: a 3x3 binomial blur before a strided convolution."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        taps = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+        self.conv = conv
+        self.register_buffer("blur_filter", taps.repeat(conv.in_channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.blur_filter.to(x.dtype), padding=1, groups=self.conv.in_channels)
+        return self.conv(x)
+
+
+def apply_blurpool(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(module, name, BlurPoolConv2d(child))
+        else:
+            apply_blurpool(child)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: BatchNorm parameters and biases get no weight decay, the rest do.
+
+    Decided by module type and by being a module's ``bias``, never by parameter names.
+    """
+    no_decay: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            no_decay.update({id(p): p for p in module.parameters(recurse=False)})
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            no_decay[id(bias)] = bias
+    decay = [p for p in model.parameters() if id(p) not in no_decay]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": list(no_decay.values()), "weight_decay": 0.0}]
