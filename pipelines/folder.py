@@ -29,6 +29,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .base import (RRC_RATIO, RRC_SCALE, Loader, OutputSpec, Shard, chain_epochs,
                    resolve_workers, val_resize)
+from .gpu_decode import GpuDecoder, RawSamples, collate_raw, resolve_decode
 from .imagefolder import scan_image_folder
 from .resolution import ResolutionSchedule
 
@@ -112,7 +113,10 @@ class FolderLoader(Loader):
     """ImageFolder split -> normalised ``(images, labels)`` batches on ``output.device``.
 
     Shards and batch counts follow :meth:`pipelines.base.Shard.split`. ``num_workers``: the
-    DataLoader's worker processes (0: decode in this process).
+    DataLoader's worker processes (0: decode in this process). ``decode``: ``"cpu"`` (PIL in
+    the workers), ``"gpu"`` (the workers read bytes and draw the crops, the main process decodes
+    the batch with nvJPEG: :mod:`pipelines.gpu_decode`; a ValueError without CUDA) or ``"auto"``
+    (``"gpu"`` when batches go to a CUDA device); the resolved choice is ``self.decode``.
     """
 
     def __init__(
@@ -127,16 +131,21 @@ class FolderLoader(Loader):
         seed: int = 0,
         num_workers: int | None = None,
         drop_last: bool | None = None,
+        decode: str = "auto",
     ) -> None:
         super().__init__(train=train, batch_size=batch_size, resolution=resolution,
                          output=output, shard=shard, seed=seed, drop_last=drop_last)
         self.num_workers = resolve_workers(num_workers, allow_zero=True)
+        self.decode = resolve_decode(decode, self.output.device)  # before scanning a large tree
         self.index = scan_image_folder(source)
         self.source = self.index.root
         self.num_classes = len(self.index.classes)
         self.num_samples = len(self.index)
         len(self)  # a training split too small for one batch fails here, not in the trainer
         self._stream: _Stream | None = None
+        self._gpu = None
+        if self.decode == "gpu":
+            self._gpu = GpuDecoder(Samples(self.index.samples, self.train, self.seed), self.output)
 
     def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int, int]]]:
         """``epoch``'s batches of sample keys, ``(index, resolution, epoch)``."""
@@ -146,10 +155,12 @@ class FolderLoader(Loader):
 
     def _open(self, epoch: int) -> _Stream:
         """A DataLoader over the batches of ``epoch``, ``epoch + 1``, ... and its workers."""
-        batches = DataLoader(Samples(self.index.samples, self.train, self.seed),
-                             batch_sampler=chain_epochs(self._epoch_batches, epoch),
-                             num_workers=self.num_workers,
-                             pin_memory=self.output.device.type == "cuda")
+        samples, collate = Samples(self.index.samples, self.train, self.seed), None
+        if self._gpu is not None:  # the workers read bytes and draw crops; _deliver decodes
+            samples, collate = RawSamples(samples), collate_raw
+        batches = DataLoader(samples, batch_sampler=chain_epochs(self._epoch_batches, epoch),
+                             num_workers=self.num_workers, collate_fn=collate,
+                             pin_memory=self.output.device.type == "cuda" and collate is None)
         return _Stream(iter(batches))
 
     def __iter__(self) -> Iterator[Batch]:
@@ -170,5 +181,7 @@ class FolderLoader(Loader):
             yield self._deliver(batch)
 
     def _deliver(self, batch: Batch) -> Batch:
+        if self._gpu is not None:
+            return self._gpu(batch)
         images, labels = batch
         return self.output.normalize_uint8(images, "NHWC"), self.output.labels(labels)
