@@ -1,6 +1,7 @@
 """Training-step time of each mixer, side by side, as a ratio of the single-pass baseline.
 
     python benchmarks/train_step.py [--arch resnet18] [--sizes 64x160 32x224] [--steps 6] [--quick]
+                                    [--device cuda] [--amp fp16|bf16|none] [--compile]
 
 Runs the trainer's own step (``mixing.TwoPassStep`` + the SGD/GradScaler update of
 ``train_imagenet.py``) on one synthetic batch per mixer, rounds interleaved so that drift in
@@ -8,6 +9,10 @@ machine load hits every mixer alike, and reports for each size (default: batch 6
 then batch 32 at 224 px) the median step time, each mixer's ratio to ``none`` against its
 target and where its time goes (clean pass, saliency, mixing, mixed pass, optimizer). Prints
 a table and writes JSON (``--out``). Works on CUDA (synchronised timings) and on the CPU.
+On CUDA it also records each mixer's peak memory in its synchronised step (``peak_bytes``,
+and ``step_bytes``: the peak above what was allocated before the step), and ``--compile``
+runs the model under ``torch.compile`` as the trainer's ``model.compile`` does (a mixer whose
+compiled step fails is reported with its error and left out, the others go on).
 
 Targets (ratio to the single-pass step): Mixup and CutMix <= 1.02, Saliency Grafting <= 2.05,
 SAGE <= 2.10: a two-pass step costs two passes, and the mixing stage a few percent at most.
@@ -39,6 +44,8 @@ def build(mix: str, args: argparse.Namespace, device: torch.device, amp: torch.d
     cfg.model.arch, cfg.mix.kind = args.arch, mix
     torch.manual_seed(0)
     model = ti.build_model(cfg, args.classes, device)
+    if args.compile:
+        model = torch.compile(model)
     optimizer = torch.optim.SGD(ti.param_groups(model, 5e-5), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = TwoPassStep(model, ti.build_mixer(cfg, args.classes), eta=0.5, scaler=scaler,
@@ -68,9 +75,19 @@ def bench_size(runs: dict, batch_size: int, res: int, args: argparse.Namespace, 
     """Interleaved rounds of every mixer's step at one batch size and resolution."""
     batch = torch.randn(batch_size, 3, res, res, device=device).to(dtype=dtype, memory_format=torch.channels_last)
     labels = torch.randint(0, args.classes, (batch_size,), device=device)
-    for mix, (step, opt, scaler) in runs.items():  # warm-up: allocator, kernels, autotuning
-        for _ in range(args.warmup):
-            one_step(step, opt, scaler, batch.clone(), labels, gen)
+    failed = {}
+    for mix, (step, opt, scaler) in list(runs.items()):  # warm-up: allocator, kernels, autotuning
+        start = time.perf_counter()
+        try:
+            for _ in range(args.warmup):
+                one_step(step, opt, scaler, batch.clone(), labels, gen)
+        except Exception as e:  # e.g. a torch.compile failure: report it, go on without it
+            if not args.compile:
+                raise
+            failed[mix] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            del runs[mix]
+        print(f"warm-up {mix}: {time.perf_counter() - start:.1f} s"
+              + (f" FAILED {failed[mix]}" if mix in failed else ""), flush=True)
 
     times = {mix: [] for mix in runs}
     timers = {mix: StageTimer(device) for mix in runs}
@@ -84,11 +101,19 @@ def bench_size(runs: dict, batch_size: int, res: int, args: argparse.Namespace, 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[mix].append(time.perf_counter() - start)
+    memory = {}
     for mix, (step, opt, scaler) in runs.items():  # one more round, synchronised per stage
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
         one_step(step, opt, scaler, batch.clone(), labels, gen, timers[mix])
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            memory[mix] = {"peak_bytes": peak, "step_bytes": peak - before}
 
     base = statistics.median(times["none"]) if "none" in times else None
-    result = {"batch": batch_size, "res": res, "mixers": {}}
+    result = {"batch": batch_size, "res": res, "mixers": {}, "failed": failed}
     for mix, ts in times.items():
         med = statistics.median(ts)
         stages = {k: v for k, v in timers[mix].totals.items() if v > 0}
@@ -98,7 +123,9 @@ def bench_size(runs: dict, batch_size: int, res: int, args: argparse.Namespace, 
         result["mixers"][mix] = {"seconds_per_step": med, "all_seconds": ts, "ratio_to_none": ratio,
                                  "target": target,
                                  "target_met": None if ratio is None or target is None else ratio <= target,
-                                 "stage_shares": {k: v / total for k, v in stages.items()}}
+                                 "stage_shares": {k: v / total for k, v in stages.items()},
+                                 "stage_seconds": stages, "images_per_second": batch_size / med,
+                                 **memory.get(mix, {})}
     return result
 
 
@@ -112,8 +139,11 @@ def report(result: dict, args: argparse.Namespace, device: torch.device, amp_nam
         target = f"<= {row['target']:.2f}" if row["target"] else "-"
         met = {True: "yes", False: "NO", None: "-"}[row["target_met"]]
         shares = " ".join(f"{k} {100 * v:.0f}%" for k, v in row["stage_shares"].items())
+        memory = f"   step memory {row['step_bytes'] / 2**20:.0f} MiB" if "step_bytes" in row else ""
         lines.append(f"{mix:<10} {row['seconds_per_step']:>8.3f} {ratio if ratio else float('nan'):>7.2f} "
-                     f"{target:>8} {met:>5}   {shares}")
+                     f"{target:>8} {met:>5}   {shares}{memory}")
+    for mix, error in result["failed"].items():
+        lines.append(f"{mix:<10} failed: {error}")
     return "\n".join(lines)
 
 
@@ -129,6 +159,7 @@ def main() -> None:
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None,
                         help="default: fp16 on CUDA, none on the CPU")
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=MIXES)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: batch 4 at 64 px, 1 step")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
@@ -136,12 +167,14 @@ def main() -> None:
         args.sizes, args.steps, args.warmup, args.classes = [(4, 64)], 1, 1, 10
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as the trainer runs (run.deterministic false)
     amp_name = args.amp or ("fp16" if device.type == "cuda" else "none")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_name]
     gen = torch.Generator().manual_seed(0)  # CPU generator: the mixers' draws need no device sync
     runs = {mix: build(mix, args, device, amp) for mix in args.mixes}
     result = {"arch": args.arch, "device": str(device), "amp": amp_name, "threads": torch.get_num_threads(),
-              "steps": args.steps, "quick": args.quick, "targets": TARGETS, "sizes": []}
+              "compile": args.compile, "steps": args.steps, "quick": args.quick, "targets": TARGETS,
+              "sizes": []}
     for batch_size, res in args.sizes:
         result["sizes"].append(bench_size(runs, batch_size, res, args, device, amp or torch.float32, gen))
         print(report(result["sizes"][-1], args, device, amp_name), flush=True)

@@ -30,11 +30,12 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJ
 #: than the output (the crop is upsampled).
 SIZES = [(500, 375), (375, 500), (333, 500), (500, 333), (640, 480), (250, 250), (80, 60),
          (61, 97), (17, 300)]
-# Tolerances, in 0-255 levels, of the GPU path run on the CPU against the PIL path. Both decode
-# with libjpeg-turbo (checked below: bit-identical here), so the difference is resampling
-# alone: PIL rounds its result to uint8 (up to 0.5) after computing with 22-bit fixed-point
-# coefficients (a little more), the GPU path keeps float32. Measured over SIZES, train and
-# val, 32-288 px, 4 epochs: max 1.00, mean 0.27-0.30.
+# Tolerances, in 0-255 levels, of the GPU path run on the CPU against the PIL path, beyond what
+# the two libjpeg-turbo builds (Pillow's, torchvision's) differ by on the same file (measured
+# by decoder_difference; bit-identical on the development machine). What is left is
+# resampling: PIL rounds its result to uint8 (up to 0.5) after computing with 22-bit
+# fixed-point coefficients (a little more); the GPU path keeps float32. Measured over SIZES,
+# train and val, 32-288 px, 4 epochs: max 1.00, mean 0.27-0.30.
 MAX_ABS, MEAN_ABS = 1.5, 0.4
 # nvJPEG against Pillow: a different IDCT and chroma upsampling add to the above. Provisional
 # bounds (not measured on a GPU yet): tests/test_gpu_decode.py prints the measured figures.
@@ -155,17 +156,27 @@ def test_axis_weights_are_torchs_antialiased_bilinear_resize():
 
 # --- pixels against the PIL path ----------------------------------------------------------------
 
-def test_pil_and_torchvision_decode_the_test_jpegs_identically(photos):
-    """The premise of the CPU tolerance: both libjpeg-turbo decoders agree here, so differences
-    below come from resampling alone."""
+def decoder_difference(root) -> tuple[float, float]:
+    """(max, mean) |torchvision's CPU decode - Pillow's| over the JPEGs under ``root``, levels."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    for path in sorted(photos.rglob("*.JPEG")):
+    worst, means = 0.0, []
+    for path in sorted(root.rglob("*.JPEG")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29
             tv = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
         pil = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-        assert torch.equal(tv, pil), path
+        diff = (tv.float() - pil.float()).abs()
+        worst, means = max(worst, diff.max().item()), means + [diff.mean().item()]
+    return worst, float(np.mean(means))
+
+
+def test_pil_and_torchvision_decode_the_test_jpegs_alike(photos, capsys):
+    """The premise of the CPU tolerance: both libjpeg-turbo decoders agree (to a level)."""
+    worst, mean = decoder_difference(photos)
+    with capsys.disabled():
+        print(f"\n  torchvision vs Pillow decode: max {worst:.0f}, mean {mean:.3f} levels")
+    assert worst <= 2 and mean <= 0.5
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -185,7 +196,8 @@ def test_gpu_path_on_the_cpu_matches_the_pil_path(photos, train, res, capsys):
     with capsys.disabled():
         print(f"\n  gpu path on cpu vs PIL, train={train} {res} px: max {worst:.3f}, "
               f"mean {max(means):.3f} levels")
-    assert worst <= MAX_ABS and max(means) <= MEAN_ABS
+    decode_max, decode_mean = decoder_difference(photos)
+    assert worst <= MAX_ABS + decode_max and max(means) <= MEAN_ABS + decode_mean
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
