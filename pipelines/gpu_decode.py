@@ -33,6 +33,10 @@ flip), decided per file:
   decodes to a size other than the header's: decoded there with PIL.
 
 A file neither decoder reads fails with the CPU path's error naming it, as with ``decode="cpu"``.
+
+Cost in the main process: the nvJPEG call (which waits for its own stream), about a dozen
+batched kernels and one view per image; transient device memory about 4 bytes x 3 x the
+batch's largest crop per image (some 0.6 GB for 256 ImageNet-sized images).
 """
 from __future__ import annotations
 

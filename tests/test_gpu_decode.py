@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as F
 from pipelines import OutputSpec, Shard, make_loader
 from pipelines.base import IMAGENET_MEAN_255, IMAGENET_STD_255
 from pipelines.folder import FolderLoader, Samples, random_resized_crop_box
-from pipelines.gpu_decode import (GpuDecoder, RawSamples, axis_weights, collate_raw, header_ok,
+from pipelines.gpu_decode import (GpuDecoder, RawSamples, axis_weights, header_ok,
                                   resolve_decode, train_plan, val_plan)
 from tests.imagefiles import (BAD_FILE_WRITERS, DECODABLE, add_bad_file, decode_batch,
                               expected_rgb, write_coded_tree)
@@ -234,20 +234,21 @@ def test_labels_stay_aligned_through_the_gpu_path(coded, train, world, workers):
 
 # --- files nvJPEG should not take ------------------------------------------------------------
 
-def write_progressive(path, color=(30, 160, 90)):
+def tree_with_odd_file(root, kind):
+    """A small coded tree plus one file of ``kind`` (a DECODABLE bad file, or a progressive
+    JPEG); returns (its path, the RGB colour it must decode to)."""
+    write_coded_tree(root, classes=2, per_class=3)
+    if kind != "progressive":
+        return add_bad_file(root, kind)
+    path, color = root / "c00" / "bad_progressive.JPEG", (30, 160, 90)
     Image.new("RGB", (64, 48), color).save(path, format="JPEG", quality=95, progressive=True)
-    return color
+    return path, color
 
 
 @pytest.mark.parametrize("kind", sorted(DECODABLE | {"progressive"}))
 @pytest.mark.parametrize("train", [True, False])
 def test_odd_files_take_the_cpu_path_in_the_worker_and_decode_to_rgb(tmp_path, kind, train):
-    write_coded_tree(tmp_path, classes=2, per_class=3)
-    if kind == "progressive":
-        path = tmp_path / "c00" / "bad_progressive.JPEG"
-        color = write_progressive(path)
-    else:
-        path, color = add_bad_file(tmp_path, kind)
+    path, color = tree_with_odd_file(tmp_path, kind)
     loader = gpu_path_on_cpu(folder(tmp_path, train=train, batch_size=7))
     index = [p for p, _ in loader.index.samples].index(str(path))
     sample = RawSamples(loader._gpu.cpu)[(index, 32, 0)]
@@ -362,12 +363,7 @@ def test_cuda_labels_stay_aligned(coded, world):
 @CUDA
 @pytest.mark.parametrize("kind", sorted(DECODABLE | {"progressive"}))
 def test_cuda_odd_files_decode_to_rgb(tmp_path, kind):
-    write_coded_tree(tmp_path, classes=2, per_class=3)
-    if kind == "progressive":
-        path = tmp_path / "c00" / "bad_progressive.JPEG"
-        color = write_progressive(path)
-    else:
-        path, color = add_bad_file(tmp_path, kind)
+    path, color = tree_with_odd_file(tmp_path, kind)
     loader = folder(tmp_path, train=False, batch_size=7, output=OutputSpec(device="cuda"), decode="gpu")
     images, _ = next(iter(loader))
     k = [p for p, _ in loader.index.samples].index(str(path))
