@@ -4,7 +4,7 @@ One command on one GPU, ``torchrun`` on many, and the same command on a CPU agai
 embedded demo dataset::
 
     python train_imagenet.py --config configs/rn50_ffcv.yaml --data /imagenet --loader ffcv
-    torchrun --nproc_per_node 8 train_imagenet.py --config configs/rn50_fast.yaml --data /imagenet
+    torchrun --nproc_per_node 8 train_imagenet.py --config configs/rn50_grafting.yaml --data /imagenet
     python train_imagenet.py --config configs/demo.yaml          # CPU, demo dataset
 
 The step: loader -> clean forward/backward (saliency captured) -> mix in place -> mixed
@@ -37,22 +37,24 @@ from mixing.base import Mixer, NonFiniteSaliency
 from mixing.baselines import CutMix, Mixup
 from mixing.grafting import SaliencyGrafting
 from mixing.sage import SAGE
-from mixing.saliency import get_layer, unwrap
-from mixing.step import TwoPassStep, no_stage
+from mixing.saliency import find_feature_layer, get_layer, unwrap
+from mixing.step import StepOutput, TwoPassStep, no_stage
 from pipelines import Shard
 from pipelines.resolution import Phases, schedule_from_dict
 from training import config as conf
 from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, check_resumable,
                                  record_overrides, rng_state, set_rng_state)
 from training.config import ConfigError, neutral
-from training.data import build_data
+from training.data import build_data, count_train_images
 from training.distributed import (all_gather, all_reduce_sum, any_rank, barrier, init_distributed,
                                   report_failure, shutdown)
 from training.guard import DivergenceGuard
 from training.ema import ModelEma
-from training.models import apply_blurpool, check_arch, create_model, param_groups
+from training.models import (apply_blurpool, check_arch, create_model, init_classifier,
+                             param_groups, zero_init_residual)
 from training.report import (EpochLog, Scalars, StageTimer, epoch_line, progress_bar,
-                             report_profile, step_scalars, write_csv, write_preview)
+                             report_profile, schedule_table, step_scalars, write_csv,
+                             write_preview, write_schedule_png)
 
 MIXERS: dict[str, type[Mixer]] = {
     "mixup": Mixup, "cutmix": CutMix, "grafting": SaliencyGrafting, "sage": SAGE}
@@ -69,7 +71,15 @@ class ModelConfig:
     ``timm/NAME``, any ``timm.create_model`` name (``pip install 'salmix[timm]'``)."""
     blurpool: bool = False
     """FFCV's BlurPool before every strided convolution."""
+    zero_init_residual: bool = False
+    """Start the last BatchNorm of every residual block at zero (Goyal et al.; PuzzleMix)."""
+    classifier_init_std: float | None = None
+    """Initialise the classifier's weights from N(0, std^2) (PuzzleMix: 0.01); None: the
+    architecture's own."""
     channels_last: bool = True
+    compile: bool = False
+    """``torch.compile`` the model (inductor): one graph per input size and pass kind, so a
+    progressive-resizing schedule compiles once per resolution."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights with this decay (e.g. 0.9998) and
     evaluate it beside the model; 0: off."""
@@ -113,7 +123,13 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-5
+    no_decay: Literal["bn_bias", "bn"] = "bn_bias"
+    """Parameters without weight decay: BatchNorm's and every bias (FFCV), or BatchNorm's only
+    (Wong et al., PuzzleMix)."""
     label_smoothing: float = 0.1
+    accum_steps: int = 1
+    """Split each batch into this many micro-batches per optimizer step (gradients all-reduced
+    once per step): the global batch of a recipe on fewer GPUs."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0: off)."""
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
@@ -129,7 +145,12 @@ class MixConfig:
     warmup_epochs: int = 0
     """Epochs trained without mixing first (the Saliency Grafting paper warms up 5)."""
     eta: float = 0.5
-    """Weight of the mixed pass in the two-pass step (the clean pass gets 1 - eta)."""
+    """Weight of the mixed pass in the two-pass step (the clean pass gets 1 - eta); SAGE's
+    paper puts its eta on the clean pass, so its 0.7 is 0.3 here."""
+    clean_weight: float | None = None
+    mixed_weight: float | None = None
+    """Both given: the two passes' loss weights instead of eta's convex pair (PuzzleMix's and
+    the Saliency Grafting ImageNet protocol's ``clean_lam: 1`` is 1 and 1)."""
     prob: float = 1.0
     """Probability that a batch is mixed (timm's ``--mixup-prob``); an unmixed batch takes
     one pass."""
@@ -138,6 +159,9 @@ class MixConfig:
     feature_layer: str | None = None
     """Module whose output gives forward saliency (default: the last conv stage); only read
     by feature-saliency mixers (grafting)."""
+    feature_min_size: int | None = None
+    """Without feature_layer: the last stage whose map is at least this many cells a side at
+    the run's resolution (the demo's 64 px asks 4: ResNet's layer3, MobileNet's features.8)."""
     gradient_reduction: Literal["mean_abs", "l2"] = "mean_abs"
     """Only read by gradient-saliency mixers (sage)."""
 
@@ -165,6 +189,8 @@ class RunConfig:
     stop_after: int = neutral(0)
     """Stop after this many epochs in this session (0: train to the end), e.g. to fit a
     scheduler's time limit; continue with --resume auto."""
+    dry_run: bool = neutral(False)
+    """List the images, print the whole schedule per epoch, write schedule.png, and exit."""
     profile: int = neutral(0)
     """Profile this many training steps, report where the time goes, and exit."""
     profile_trace: str | None = neutral(None)
@@ -220,7 +246,8 @@ ALIASES = {"--arch": "model.arch", "--data": "data.path", "--loader": "data.load
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults < YAML file (``--config``) < command line; then validate."""
-    cfg = conf.parse(Config(), argv, ALIASES, description=__doc__.split("\n\n")[0],
+    cfg = conf.parse(Config(), argv, ALIASES, flags={"--dry-run": "run.dry_run"},
+                     description=__doc__.split("\n\n")[0],
                      epilog="Every field is also settable as --section.field VALUE (YAML syntax), "
                             "e.g. --optim.lr 1.7 --grafting.temperature 0.3 --data.resolution "
                             "'{kind: ramp, min_res: 160, max_res: 192, start_ramp: 11, end_ramp: 13}'.")
@@ -262,6 +289,16 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", "must lie in [0, 1)")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     need(0 <= cfg.mix.eta <= 1, "mix.eta", "must lie in [0, 1]")
+    weights = (cfg.mix.clean_weight, cfg.mix.mixed_weight)
+    need(weights.count(None) in (0, 2), "mix.clean_weight",
+         "set it together with mix.mixed_weight (or neither: eta's convex pair)")
+    need(None in weights or (min(weights) >= 0 and max(weights) > 0), "mix.clean_weight",
+         "the pass weights must be >= 0 and not both 0")
+    need(cfg.mix.feature_min_size is None or cfg.mix.feature_min_size >= 1, "mix.feature_min_size",
+         "must be >= 1 (or null)")
+    need(cfg.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+    need(cfg.model.classifier_init_std is None or cfg.model.classifier_init_std > 0,
+         "model.classifier_init_std", "must be > 0 (or null)")
     need(cfg.mix.warmup_epochs >= 0, "mix.warmup_epochs", "must be >= 0")
     need(cfg.data.workers is None or cfg.data.workers >= (cfg.data.loader != "folder"),
          "data.workers", "must be >= 1 for dali and ffcv (threads/processes), >= 0 for folder "
@@ -294,12 +331,16 @@ def validate(cfg: Config) -> None:
                 **dataclasses.asdict(getattr(cfg, name)))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{name}: {e}") from None
-    if cfg.mix.feature_layer is not None and MIXERS.get(cfg.mix.kind, Mixer).saliency_kind == "feature":
+    if MIXERS.get(cfg.mix.kind, Mixer).saliency_kind == "feature":  # the layer exists, or is found
         model = create_model(cfg.model.arch, 1000)
+        size = schedule_from_dict(cfg.data.resolution).resolution(cfg.mix.warmup_epochs)
         try:
-            get_layer(model, cfg.mix.feature_layer)
-        except (AttributeError, KeyError, ValueError) as e:
-            raise ConfigError(f"mix.feature_layer: {e} (null: the last convolutional stage)") from None
+            if cfg.mix.feature_layer is not None:
+                get_layer(model, cfg.mix.feature_layer)
+            else:
+                find_feature_layer(model, size, min_size=cfg.mix.feature_min_size)
+        except (AttributeError, KeyError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"mix.feature_layer: {e}") from None
     names = conf.sections(cfg)
     for key in resume_overrides(cfg):
         section, _, name = key.partition(".")
@@ -314,10 +355,14 @@ def check_world(cfg: Config, world_size: int) -> None:
     schedule = schedule_from_dict(cfg.data.resolution)
     phases = schedule.phases if isinstance(schedule, Phases) else ()
     sizes += [(f"data.resolution (phase from epoch {p.start_epoch})", p.bs) for p in phases if p.bs]
+    k = cfg.optim.accum_steps
     for key, bs in sizes:
         if bs % world_size:
             raise ConfigError(f"{key}: batch size {bs} is not divisible by the world size "
                               f"{world_size}")
+        if key != "data.val_batch_size" and bs // world_size % k:
+            raise ConfigError(f"{key}: the per-rank batch {bs // world_size} does not split "
+                              f"into optim.accum_steps={k} equal micro-batches")
 
 
 # ------------------------------------------------------------------------------------------
@@ -326,6 +371,13 @@ def check_world(cfg: Config, world_size: int) -> None:
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
     model = create_model(cfg.model.arch, num_classes)
+    try:
+        if cfg.model.zero_init_residual:
+            zero_init_residual(model)
+        if cfg.model.classifier_init_std is not None:
+            init_classifier(model, cfg.model.classifier_init_std)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
     if cfg.model.blurpool:
         apply_blurpool(model)
     model = model.to(device)
@@ -336,25 +388,34 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Modul
 
 @dataclass(frozen=True)
 class PiecewiseLinearLR:
-    """LR as a piecewise-linear function of the fractional epoch, evaluated per iteration."""
+    """LR as a piecewise-linear function of the fractional epoch, evaluated per iteration at
+    ``epoch + (step + offset) / steps``: offset 0 in FFCV's code, 1 in Wong et al.'s and
+    PuzzleMix's (the LR of a step is the one at its end)."""
 
     epochs: tuple[float, ...]
     values: tuple[float, ...]
+    offset: int = 0
 
     def __call__(self, epoch: float) -> float:
+        """At a knot given twice (a phase boundary's jump) the first value: the LR that ends
+        the phase before, as each phase's own knots give it."""
+        i = int(np.searchsorted(self.epochs, epoch, side="left"))
+        if i < len(self.epochs) and self.epochs[i] == epoch:
+            return float(self.values[i])
         return float(np.interp(epoch, self.epochs, self.values))
 
     def at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        return self(epoch + step / steps_per_epoch)
+        return self(epoch + (step + self.offset) / steps_per_epoch)
 
 
 def lr_schedule(optim: OptimConfig) -> PiecewiseLinearLR:
-    """Triangular (FFCV's cyclic: lr*start_factor -> lr at the peak -> 0) or piecewise knots."""
+    """Triangular (FFCV's cyclic: lr*start_factor -> lr at the peak -> 0, as FFCV evaluates
+    it) or piecewise knots (as Wong et al.'s and PuzzleMix's code evaluate them)."""
     if optim.lr_schedule == "triangular":
         return PiecewiseLinearLR((0.0, float(optim.lr_peak_epoch), float(optim.epochs)),
                                  (optim.lr * optim.lr_start_factor, optim.lr, 0.0))
     knots = sorted((float(e), float(v)) for e, v in optim.lr_knots)
-    return PiecewiseLinearLR(tuple(e for e, _ in knots), tuple(v for _, v in knots))
+    return PiecewiseLinearLR(tuple(e for e, _ in knots), tuple(v for _, v in knots), offset=1)
 
 
 def build_mixer(cfg: Config, num_classes: int) -> Mixer | None:
@@ -368,8 +429,12 @@ def build_step(cfg: Config, model: nn.Module, mixer: Mixer | None, scaler: torch
                amp: torch.dtype | None) -> TwoPassStep:
     """The training step; each saliency setting goes only to the mixers that read it."""
     kind = mixer.saliency_kind if mixer is not None else "none"
-    return TwoPassStep(model, mixer, eta=cfg.mix.eta,
-                       feature_layer=cfg.mix.feature_layer if kind == "feature" else None,
+    weights = ({} if cfg.mix.clean_weight is None else
+               dict(clean_weight=cfg.mix.clean_weight, mixed_weight=cfg.mix.mixed_weight))
+    feature = kind == "feature"
+    return TwoPassStep(model, mixer, eta=None if weights else cfg.mix.eta, **weights,
+                       feature_layer=cfg.mix.feature_layer if feature else None,
+                       feature_min_size=cfg.mix.feature_min_size if feature else None,
                        gradient_reduction=cfg.mix.gradient_reduction,
                        label_smoothing=cfg.optim.label_smoothing, scaler=scaler, amp_dtype=amp)
 
@@ -387,6 +452,12 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 def amp_name(dtype: torch.dtype | None) -> str:
     return next(name for name, d in AMP_DTYPES.items() if d == dtype)
+
+
+def mixes_in(cfg: Config, epoch: int) -> bool:
+    """Whether ``epoch`` mixes (after the warm-up, before mix.off_epoch; mix.prob per batch)."""
+    return (cfg.mix.kind != "none" and epoch >= cfg.mix.warmup_epochs
+            and (cfg.mix.off_epoch is None or epoch < cfg.mix.off_epoch))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -434,7 +505,11 @@ class Trainer:
         if self.dist.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay), lr=0.0,
+        if cfg.model.compile:  # DDP first, then compile: DDP's optimizer splits the graph
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.model = torch.compile(self.model, dynamic=False)  # a graph per size
+        self.optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay,
+                                                      biases=cfg.optim.no_decay == "bn_bias"), lr=0.0,
                                          momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.lr = lr_schedule(cfg.optim)
@@ -555,8 +630,7 @@ class Trainer:
         loader.set_epoch(epoch)
         self.model.train()
         steps = len(loader) if max_steps is None else min(max_steps, len(loader))
-        mixing = (self.mixer is not None and epoch >= cfg.mix.warmup_epochs
-                  and (cfg.mix.off_epoch is None or epoch < cfg.mix.off_epoch))
+        mixing = self.mixer is not None and mixes_in(cfg, epoch)
         mixed = 0
         guard = self.guard
         guard.start_epoch()
@@ -577,7 +651,7 @@ class Trainer:
             mixed += mix
             before = images.clone() if mix and self.preview_pending else None
             try:
-                out = self.step(images, labels, mix=mix, generator=self.mix_gen, stage=timer)
+                out = self.accumulate(images, labels, mix, timer)
             except NonFiniteSaliency:  # the clean pass diverged: a non-finite loss
                 raise NonFiniteLoss(self.divergence_message("non-finite training loss", epoch, i),
                                     agreed=False) from None
@@ -593,7 +667,9 @@ class Trainer:
                 self.preview_pending = False
                 if self.dist.main:
                     path = self.output_path(cfg.run.preview)
-                    write_preview(path, before, images, labels, out, self.data.classes,
+                    k = cfg.optim.accum_steps  # the pairs are those of the last micro-batch
+                    write_preview(path, before.chunk(k)[-1], images.chunk(k)[-1],
+                                  labels.chunk(k)[-1], out, self.data.classes,
                                   pipelines.IMAGENET_MEAN, pipelines.IMAGENET_STD)
                     self.log(f"wrote mixing preview {path}")
             guard.record(out.loss, labels.shape[0])
@@ -620,6 +696,18 @@ class Trainer:
                 "resolution": loader.resolution, "batch_size": loader.batch_size * self.dist.world_size,
                 "mixing": cfg.mix.kind if mixing else "none", "mixed_fraction": mixed / max(steps, 1),
                 "images_per_second": total_seen / elapsed, "epoch_seconds": elapsed}
+
+    def accumulate(self, images: torch.Tensor, labels: torch.Tensor, mix: bool,
+                   timer: StageTimer | None) -> StepOutput:
+        """The step over ``optim.accum_steps`` micro-batches of the batch (each mixed within
+        itself), gradients averaged and all-reduced once, on the last micro-batch."""
+        k = self.cfg.optim.accum_steps
+        if k == 1:
+            return self.step(images, labels, mix=mix, generator=self.mix_gen, stage=timer)
+        outs = [self.step(x, y, mix=mix, generator=self.mix_gen, stage=timer, sync=j == k - 1,
+                          loss_scale=1.0 / k)
+                for j, (x, y) in enumerate(zip(images.chunk(k), labels.chunk(k)))]
+        return dataclasses.replace(outs[-1], loss=torch.stack([o.loss for o in outs]).mean())
 
     def divergence_message(self, reason: str, epoch: int, step: int) -> str:
         kept = self.checkpoints.paths()
@@ -698,6 +786,34 @@ class Trainer:
         return summary
 
 
+def dry_run(cfg: Config) -> list[dict[str, Any]]:
+    """Count the training images (no decoding), print the schedule of every epoch and write
+    ``schedule.png`` in the run folder; nothing is trained."""
+    shard = Shard.from_env()
+    images = count_train_images(cfg.data)
+    schedule, lr = schedule_from_dict(cfg.data.resolution), lr_schedule(cfg.optim)
+    weights = ((cfg.mix.clean_weight, cfg.mix.mixed_weight) if cfg.mix.clean_weight is not None
+               else (1 - cfg.mix.eta, cfg.mix.eta))
+    rows = []
+    for epoch in range(cfg.optim.epochs):
+        batch = schedule.batch_size(epoch) or cfg.data.batch_size
+        steps = Shard(0, shard.world_size).split(images, batch // shard.world_size,
+                                                 train=True).num_batches
+        mixing = mixes_in(cfg, epoch)
+        two_pass = mixing and MIXERS[cfg.mix.kind].saliency_kind != "none"
+        rows.append({"epoch": epoch, "resolution": schedule.resolution(epoch), "batch": batch,
+                     "batch_per_rank": batch // shard.world_size, "steps": steps,
+                     "lr_first": lr.at(epoch, 0, steps), "lr_last": lr.at(epoch, steps - 1, steps),
+                     "mixing": cfg.mix.kind if mixing else "none",
+                     "mix_prob": cfg.mix.prob if mixing else 0.0,
+                     "loss_weights": list(weights) if two_pass else [1.0]})
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    print(schedule_table(rows, images, shard.world_size))
+    path = write_schedule_png(rows, lr, run_dir / "schedule.png")
+    print(f"wrote {path}")
+    return rows
+
+
 def _main_rank() -> bool:
     try:
         return Shard.from_env().main
@@ -714,7 +830,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     every rank meets alike), and any failure on one rank stops every rank."""
     ok = False
     try:
-        summary = Trainer(parse_config(argv)).fit()
+        cfg = parse_config(argv)
+        if cfg.run.dry_run:
+            return {"schedule": dry_run(cfg)}
+        summary = Trainer(cfg).fit()
         ok = True
         return summary
     except BaseException as e:

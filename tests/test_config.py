@@ -83,3 +83,40 @@ def test_check_type_reads_nested_hints():
     assert conf.check_type("k", None, float | None) is None
     with pytest.raises(conf.ConfigError, match=r"k: True is not a valid int"):
         conf.check_type("k", True, int)
+
+
+def test_the_demo_preset_works_for_other_architectures():
+    """The demo asks for a 4 x 4 feature map, not a ResNet layer name: MobileNet finds its own."""
+    import torch
+
+    cfg = ti.parse_config(["--config", str(REPO / "configs" / "demo.yaml"), "--arch", "mobilenet_v3_small"])
+    model = ti.build_model(cfg, 10, torch.device("cpu"))
+    step = ti.build_step(cfg, model, ti.build_mixer(cfg, 10), torch.amp.GradScaler("cpu", enabled=False), None)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    out = step(x, torch.arange(4), mix=True, generator=torch.Generator().manual_seed(0))
+    assert step.features.layer.startswith("features.") and out.saliency.shape[-1] >= 4
+
+
+def test_a_model_the_layer_search_cannot_probe_is_refused_naming_the_option():
+    with pytest.raises(ti.ConfigError, match=r"mix\.feature_layer: probing VisionTransformer .*128"):
+        ti.parse_config(["--arch", "vit_b_16", "--mix", "grafting", "--data.resolution", "128"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mix.clean_weight", "1"], r"mix\.clean_weight: set it together with mix\.mixed_weight"),
+    (["--mix.clean_weight", "0", "--mix.mixed_weight", "0"], r"not both 0"),
+    (["--optim.accum_steps", "3", "--batch-size", "16"], r"does not split into optim\.accum_steps=3"),
+])
+def test_pass_weights_and_accumulation_are_checked(argv, message):
+    with pytest.raises(ti.ConfigError, match=message):
+        cfg = ti.parse_config(argv)
+        ti.check_world(cfg, 1)
+
+
+def test_full_weight_passes_reach_the_step():
+    import torch
+
+    cfg = ti.parse_config(["--mix", "grafting", "--mix.clean_weight", "1", "--mix.mixed_weight", "1"])
+    model = ti.build_model(cfg, 10, torch.device("cpu"))
+    step = ti.build_step(cfg, model, ti.build_mixer(cfg, 10), torch.amp.GradScaler("cpu", enabled=False), None)
+    assert (step.clean_weight, step.mixed_weight) == (1.0, 1.0)

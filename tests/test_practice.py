@@ -128,3 +128,66 @@ def test_mix_prob_mixes_that_share_of_batches_and_off_epoch_stops_mixing(demo, t
     assert 0 < sum(first + second) < 2 * steps
     assert not any(third) and log[2]["mixing"] == "none"
     assert [e["mixed_fraction"] for e in log[:2]] == [sum(first) / steps, sum(second) / steps]
+
+
+def without_batchnorm(module: nn.Module) -> None:
+    """BatchNorm's batch statistics differ between a batch and its halves: take them out."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.Identity())
+        else:
+            without_batchnorm(child)
+
+
+def test_accumulated_micro_batches_give_the_update_of_one_batch(demo, tmp_path):
+    """Two optimizer steps with K = 2 micro-batches equal two steps with the whole batch (to
+    float tolerance, a model without BatchNorm, no mixing: a mixer pairs images within a
+    micro-batch, so a mixed run differs by design)."""
+    params = []
+    for k in (1, 2):
+        cfg = ti.parse_config(args_for(demo, tmp_path / f"k{k}", "--optim.accum_steps", str(k)))
+        trainer = ti.Trainer(cfg)
+        without_batchnorm(trainer.model)
+        trainer.train_epoch(0, max_steps=2)
+        params.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    for name in params[0]:
+        assert torch.allclose(params[0][name], params[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_accumulation_runs_the_two_pass_step_on_each_micro_batch(demo, tmp_path):
+    sizes = []
+    build = ti.build_step
+
+    def recording(*a, **k):
+        step = build(*a, **k)
+
+        def call(images, labels, **kw):
+            sizes.append((images.shape[0], kw.get("sync", True)))
+            return step(images, labels, **kw)
+        return call
+
+    ti.build_step = recording
+    try:
+        summary = run(demo, tmp_path, "--optim.accum_steps", "2", "--mix", "sage", "--epochs", "1")
+    finally:
+        ti.build_step = build
+    assert sizes == [(8, False), (8, True)] * (80 // 16)
+    assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
+
+
+def args_for(demo, out, *extra):
+    from tests.trainrun import args
+    return args(demo, out, "--optim.lr", "0.5", "--optim.momentum", "0", "--optim.weight_decay", "0",
+                *extra)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_through_progressive_resizing(demo, tmp_path):
+    """torch.compile (inductor) through a resolution change: one graph per size (the
+    two-pass step's hook and input gradient under compile are tested in test_step_compile).
+    Three graphs (two sizes, one val batch): about a minute of inductor on 2 cores."""
+    phases = "{kind: phases, phases: [{start_epoch: 0, res: 32}, {start_epoch: 1, res: 48}]}"
+    summary = run(demo, tmp_path, "--model.compile", "true", "--data.resolution", phases,
+                  "--eval.every", "2", "--data.val_batch_size", "30")
+    assert summary["final"]["val_images"] == 30
+    assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))

@@ -50,12 +50,15 @@ def test_lr_matches_the_triangular_formula_at_every_iteration(demo, tmp_path):
 
 
 def test_piecewise_lr_interpolates_between_knots():
+    """Step i of an epoch takes the LR at epoch + (i + 1) / steps, as Wong et al.'s and
+    PuzzleMix's code (the piecewise presets' sources) set it."""
     optim = ti.OptimConfig(epochs=15, lr_schedule="piecewise",
                            lr_knots=[[0, 0.0], [1, 0.4], [6, 0.04], [12, 0.004], [15, 0.0004]])
     lr = ti.lr_schedule(optim)
     assert lr(0) == 0.0 and lr(1) == pytest.approx(0.4) and lr(0.5) == pytest.approx(0.2)
     assert lr(3.5) == pytest.approx(0.4 + (0.04 - 0.4) * 2.5 / 5)
-    assert lr.at(13, 50, 100) == pytest.approx(0.004 + (0.0004 - 0.004) * 1.5 / 3)
+    assert lr.at(13, 50, 100) == pytest.approx(0.004 + (0.0004 - 0.004) * 1.51 / 3)
+    assert lr.at(0, 99, 100) == pytest.approx(0.4)
 
 
 def test_resolution_and_batch_size_follow_the_phase_schedule(demo, tmp_path):

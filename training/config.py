@@ -149,14 +149,18 @@ def _plain(value: Any) -> Any:
 
 
 def parse(cfg: Any, argv: list[str] | None, aliases: dict[str, str], description: str,
-          epilog: str = "") -> Any:
-    """Fill ``cfg`` (an instance with default sections): YAML file (``--config``) < command line."""
+          epilog: str = "", flags: dict[str, str] | None = None) -> Any:
+    """Fill ``cfg`` (an instance with default sections): YAML file (``--config``) < command line.
+    ``aliases`` map short options to fields; ``flags`` map value-less options to bool fields."""
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML preset (see configs/)")
     for flag, key in aliases.items():
         parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE",
                             help=f"= --{key}")
+    for flag, key in (flags or {}).items():
+        parser.add_argument(flag, dest=key, action="store_const", const=True,
+                            default=argparse.SUPPRESS, help=f"= --{key} true")
     for section in sections(cfg):
         for f in dataclasses.fields(getattr(cfg, section)):
             parser.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}",
@@ -167,7 +171,8 @@ def parse(cfg: Any, argv: list[str] | None, aliases: dict[str, str], description
         key = flag[2:].split("=")[0]
         if "." in key:
             set_field(cfg, key, None)  # raises: unknown section or field, with suggestions
-        raise ConfigError(f"unrecognised argument {flag!r}" + suggest(flag, ["--config", *aliases]))
+        raise ConfigError(f"unrecognised argument {flag!r}"
+                          + suggest(flag, ["--config", *aliases, *(flags or {})]))
     values = vars(known)
     preset = values.pop("config", None)
     if preset:

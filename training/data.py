@@ -106,3 +106,18 @@ def build_data(cfg: Any, shard: Shard, device: torch.device, dtype: torch.dtype)
         from pipelines.imagefolder import scan_image_folder
         classes = list(scan_image_folder(train_src).classes)
     return Data(train, val, train.num_classes, classes)
+
+
+def count_train_images(data: Any) -> int:
+    """How many training images the data section names, from the listing (nothing decoded)."""
+    root = Path(data.demo_root if data.path is None else data.path)
+    if data.path is None:
+        from pipelines.demo import ensure_demo_dataset
+        ensure_demo_dataset(root)
+    if data.loader == "ffcv" and (root / "train.beton").is_file():
+        from pipelines.ffcv import read_beton
+        return read_beton(root / "train.beton").num_samples
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path: {root} does not exist or is not a directory")
+    from pipelines.imagefolder import scan_image_folder
+    return len(scan_image_folder(_split_dir(root, "train")))

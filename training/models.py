@@ -63,18 +63,46 @@ def apply_blurpool(module: nn.Module) -> None:
             apply_blurpool(child)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: BatchNorm parameters and biases get no weight decay, the rest do.
-
-    Decided by module type and by being a module's ``bias``, never by parameter names.
-    """
+def param_groups(model: nn.Module, weight_decay: float, biases: bool = True) -> list[dict[str, Any]]:
+    """Two groups: BatchNorm parameters (and, with ``biases``, every module's bias) get no
+    weight decay, the rest do. Decided by module type and by being a module's ``bias``, never
+    by parameter names."""
     no_decay: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             no_decay.update({id(p): p for p in module.parameters(recurse=False)})
         bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter):
+        if biases and isinstance(bias, nn.Parameter):
             no_decay[id(bias)] = bias
     decay = [p for p in model.parameters() if id(p) not in no_decay]
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": list(no_decay.values()), "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def zero_init_residual(model: nn.Module) -> None:
+    """Zero the last BatchNorm's weight of every residual block (torchvision's and timm's
+    ResNet blocks), so each block starts as the identity."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    found = 0
+    for m in model.modules():
+        last = {BasicBlock: "bn2", Bottleneck: "bn3"}.get(type(m))
+        if last is not None:
+            nn.init.zeros_(getattr(m, last).weight)
+            found += 1
+        elif callable(getattr(m, "zero_init_last", None)):  # timm's blocks
+            m.zero_init_last()
+            found += 1
+    if not found:
+        raise ValueError(f"zero_init_residual: {type(model).__name__} has no ResNet-style "
+                         "residual blocks")
+
+
+@torch.no_grad()
+def init_classifier(model: nn.Module, std: float) -> None:
+    """Draw the classifier's (the last Linear layer's) weights from N(0, std^2)."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError(f"classifier_init_std: {type(model).__name__} has no Linear classifier")
+    nn.init.normal_(linear[-1].weight, 0.0, std)

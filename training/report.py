@@ -225,3 +225,43 @@ def step_scalars(out, lr: float, resolution: int) -> dict[str, float]:
         weight = out.mix.weight.float()
         values.update(mix_weight_mean=weight.mean().item(), mix_weight_std=weight.std().item())
     return values
+
+
+def schedule_table(rows: list[dict[str, Any]], images: int, world_size: int) -> str:
+    """The dry run's table: one line per epoch."""
+    head = (f"{images} training images, {world_size} rank(s)\n"
+            f"{'epoch':>5} {'res':>5} {'batch':>6} {'/rank':>6} {'steps':>6} {'lr first':>10} "
+            f"{'lr last':>10}  mixing (prob, loss weights)")
+    lines = [head]
+    for r in rows:
+        mix = r["mixing"] if r["mixing"] == "none" else (
+            f"{r['mixing']} (p {r['mix_prob']:g}, weights {', '.join(f'{w:g}' for w in r['loss_weights'])})")
+        lines.append(f"{r['epoch']:>5} {r['resolution']:>5} {r['batch']:>6} {r['batch_per_rank']:>6} "
+                     f"{r['steps']:>6} {r['lr_first']:>10.5g} {r['lr_last']:>10.5g}  {mix}")
+    return "\n".join(lines)
+
+
+def write_schedule_png(rows: list[dict[str, Any]], lr: Callable, path: Path) -> Path:
+    """LR and resolution against the iteration, a dashed line at every phase boundary."""
+    plt = pyplot()
+    xs, lrs, res, bounds, start = [], [], [], [], 0
+    for prev, r in zip([None, *rows], rows):
+        if prev and (r["resolution"], r["batch"]) != (prev["resolution"], prev["batch"]):
+            bounds.append(start)
+        xs += range(start, start + r["steps"])
+        lrs += [lr.at(r["epoch"], i, r["steps"]) for i in range(r["steps"])]
+        res += [r["resolution"]] * r["steps"]
+        start += r["steps"]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot(xs, lrs, color="tab:blue")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("learning rate", color="tab:blue")
+    twin = ax.twinx()
+    twin.step(xs, res, color="tab:orange", where="post")
+    twin.set_ylabel("resolution (px)", color="tab:orange")
+    for b in bounds:
+        ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight", dpi=110)
+    plt.close(fig)
+    return path
