@@ -48,13 +48,14 @@ from training.config import ConfigError, neutral
 from training.data import build_data, count_train_images
 from training.distributed import (all_gather, all_reduce_sum, any_rank, barrier, init_distributed,
                                   report_failure, shutdown)
-from training.guard import DivergenceGuard
 from training.ema import ModelEma
+from training.guard import DivergenceGuard
 from training.models import (apply_blurpool, check_arch, create_model, init_classifier,
                              param_groups, zero_init_residual)
 from training.report import (EpochLog, Scalars, StageTimer, epoch_line, progress_bar,
                              report_profile, schedule_table, step_scalars, write_csv,
                              write_preview, write_schedule_png)
+from training.schedule import epoch_plan, lr_schedule, mixes_in
 
 MIXERS: dict[str, type[Mixer]] = {
     "mixup": Mixup, "cutmix": CutMix, "grafting": SaliencyGrafting, "sage": SAGE}
@@ -101,6 +102,9 @@ class DataConfig:
     workers: int | None = neutral(None)
     demo_root: str = neutral("data/demo")
     beton_dir: str = neutral("data/ffcv")
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
+    """Folder loader: decode JPEGs with nvJPEG on the GPU (auto: when training on CUDA); the
+    same crops and order as the CPU, pixels within about one level of 255."""
     dali_reader: Literal["feed", "file"] = "feed"
     """DALI only: ``feed`` (exact, resumable epoch order) or ``file`` (DALI's
     ``fn.readers.file``, NVIDIA's recipe); why both: ``docs/design/dali.md``."""
@@ -300,6 +304,10 @@ def validate(cfg: Config) -> None:
     need(cfg.model.classifier_init_std is None or cfg.model.classifier_init_std > 0,
          "model.classifier_init_std", "must be > 0 (or null)")
     need(cfg.mix.warmup_epochs >= 0, "mix.warmup_epochs", "must be >= 0")
+    need(cfg.data.decode == "auto" or cfg.data.loader == "folder", "data.decode",
+         f"only the folder loader decodes on request ({cfg.data.loader} decodes on the GPU itself)")
+    need(cfg.data.decode != "gpu" or torch.cuda.is_available(), "data.decode",
+         "gpu needs CUDA, and none is present (auto decodes on the GPU only when there is one)")
     need(cfg.data.workers is None or cfg.data.workers >= (cfg.data.loader != "folder"),
          "data.workers", "must be >= 1 for dali and ffcv (threads/processes), >= 0 for folder "
          "(0: load in the main process)")
@@ -386,38 +394,6 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Modul
     return model
 
 
-@dataclass(frozen=True)
-class PiecewiseLinearLR:
-    """LR as a piecewise-linear function of the fractional epoch, evaluated per iteration at
-    ``epoch + (step + offset) / steps``: offset 0 in FFCV's code, 1 in Wong et al.'s and
-    PuzzleMix's (the LR of a step is the one at its end)."""
-
-    epochs: tuple[float, ...]
-    values: tuple[float, ...]
-    offset: int = 0
-
-    def __call__(self, epoch: float) -> float:
-        """At a knot given twice (a phase boundary's jump) the first value: the LR that ends
-        the phase before, as each phase's own knots give it."""
-        i = int(np.searchsorted(self.epochs, epoch, side="left"))
-        if i < len(self.epochs) and self.epochs[i] == epoch:
-            return float(self.values[i])
-        return float(np.interp(epoch, self.epochs, self.values))
-
-    def at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        return self(epoch + (step + self.offset) / steps_per_epoch)
-
-
-def lr_schedule(optim: OptimConfig) -> PiecewiseLinearLR:
-    """Triangular (FFCV's cyclic: lr*start_factor -> lr at the peak -> 0, as FFCV evaluates
-    it) or piecewise knots (as Wong et al.'s and PuzzleMix's code evaluate them)."""
-    if optim.lr_schedule == "triangular":
-        return PiecewiseLinearLR((0.0, float(optim.lr_peak_epoch), float(optim.epochs)),
-                                 (optim.lr * optim.lr_start_factor, optim.lr, 0.0))
-    knots = sorted((float(e), float(v)) for e, v in optim.lr_knots)
-    return PiecewiseLinearLR(tuple(e for e, _ in knots), tuple(v for _, v in knots), offset=1)
-
-
 def build_mixer(cfg: Config, num_classes: int) -> Mixer | None:
     if cfg.mix.kind == "none":
         return None
@@ -452,12 +428,6 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 def amp_name(dtype: torch.dtype | None) -> str:
     return next(name for name, d in AMP_DTYPES.items() if d == dtype)
-
-
-def mixes_in(cfg: Config, epoch: int) -> bool:
-    """Whether ``epoch`` mixes (after the warm-up, before mix.off_epoch; mix.prob per batch)."""
-    return (cfg.mix.kind != "none" and epoch >= cfg.mix.warmup_epochs
-            and (cfg.mix.off_epoch is None or epoch < cfg.mix.off_epoch))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -789,27 +759,13 @@ class Trainer:
 def dry_run(cfg: Config) -> list[dict[str, Any]]:
     """Count the training images (no decoding), print the schedule of every epoch and write
     ``schedule.png`` in the run folder; nothing is trained."""
-    shard = Shard.from_env()
+    world_size = Shard.from_env().world_size
     images = count_train_images(cfg.data)
-    schedule, lr = schedule_from_dict(cfg.data.resolution), lr_schedule(cfg.optim)
-    weights = ((cfg.mix.clean_weight, cfg.mix.mixed_weight) if cfg.mix.clean_weight is not None
-               else (1 - cfg.mix.eta, cfg.mix.eta))
-    rows = []
-    for epoch in range(cfg.optim.epochs):
-        batch = schedule.batch_size(epoch) or cfg.data.batch_size
-        steps = Shard(0, shard.world_size).split(images, batch // shard.world_size,
-                                                 train=True).num_batches
-        mixing = mixes_in(cfg, epoch)
-        two_pass = mixing and MIXERS[cfg.mix.kind].saliency_kind != "none"
-        rows.append({"epoch": epoch, "resolution": schedule.resolution(epoch), "batch": batch,
-                     "batch_per_rank": batch // shard.world_size, "steps": steps,
-                     "lr_first": lr.at(epoch, 0, steps), "lr_last": lr.at(epoch, steps - 1, steps),
-                     "mixing": cfg.mix.kind if mixing else "none",
-                     "mix_prob": cfg.mix.prob if mixing else 0.0,
-                     "loss_weights": list(weights) if two_pass else [1.0]})
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    print(schedule_table(rows, images, shard.world_size))
-    path = write_schedule_png(rows, lr, run_dir / "schedule.png")
+    two_pass = cfg.mix.kind != "none" and MIXERS[cfg.mix.kind].saliency_kind != "none"
+    rows = epoch_plan(cfg, images, world_size, two_pass)
+    print(schedule_table(rows, images, world_size))
+    path = write_schedule_png(rows, lr_schedule(cfg.optim), Path(cfg.run.out_dir) / cfg.run.name
+                              / "schedule.png")
     print(f"wrote {path}")
     return rows
 

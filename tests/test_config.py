@@ -40,6 +40,7 @@ def test_exponent_floats_in_yaml(tmp_path):
     (["--grafting.grid_sizes", "[4, x]"], r"grafting\.grid_sizes\[1\]: 'x' is not a valid int"),
     (["--optim.lr", "fast"], r"optim\.lr: 'fast' is not a valid float"),
     (["--resume-override", "optim.lrr"], r"run\.resume_override: unknown config field 'optim\.lrr'"),
+    (["--loader", "dali", "--data.decode", "gpu"], r"data\.decode: only the folder loader"),
 ])
 def test_bad_values_name_their_field(argv, message):
     with pytest.raises(ti.ConfigError, match=message):
@@ -120,3 +121,11 @@ def test_full_weight_passes_reach_the_step():
     model = ti.build_model(cfg, 10, torch.device("cpu"))
     step = ti.build_step(cfg, model, ti.build_mixer(cfg, 10), torch.amp.GradScaler("cpu", enabled=False), None)
     assert (step.clean_weight, step.mixed_weight) == (1.0, 1.0)
+
+
+def test_gpu_decode_without_cuda_is_refused():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(ti.ConfigError, match=r"data\.decode: gpu needs CUDA"):
+        ti.parse_config(["--data.decode", "gpu"])

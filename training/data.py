@@ -87,6 +87,8 @@ def build_data(cfg: Any, shard: Shard, device: torch.device, dtype: torch.dtype)
     common = dict(output=output, shard=shard, seed=cfg.run.seed, num_workers=cfg.data.workers)
     if cfg.data.loader == "dali":
         common["reader"] = cfg.data.dali_reader
+    if cfg.data.loader == "folder":
+        common["decode"] = cfg.data.decode
     try:
         train = pipelines.make_loader(cfg.data.loader, train_src, train=True,
                                       batch_size=cfg.data.batch_size // ws,
