@@ -20,11 +20,13 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -190,6 +192,9 @@ class RunConfig:
     """Comma-separated fields that may differ from the checkpoint's config on resume (e.g.
     ``optim.lr,optim.grad_clip``); the changes are logged and kept in config_history.yaml."""
     keep_last: int = neutral(3)
+    checkpoint_every_steps: int = neutral(0)
+    """Also write a checkpoint every this many steps inside an epoch (0: at epoch ends only);
+    a resume continues at that step."""
     stop_after: int = neutral(0)
     """Stop after this many epochs in this session (0: train to the end), e.g. to fit a
     scheduler's time limit; continue with --resume auto."""
@@ -314,6 +319,7 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     need(cfg.run.keep_last >= 1, "run.keep_last", "must be >= 1")
     need(cfg.run.stop_after >= 0, "run.stop_after", "must be >= 0")
+    need(cfg.run.checkpoint_every_steps >= 0, "run.checkpoint_every_steps", "must be >= 0")
     need(cfg.run.profile >= 0, "run.profile", "must be >= 0")
     need(cfg.run.collective_timeout > 0, "run.collective_timeout", "must be > 0 (seconds)")
     need(cfg.optim.max_skipped_steps >= 1, "optim.max_skipped_steps", "must be >= 1")
@@ -454,6 +460,17 @@ class NonFiniteLoss(RuntimeError):
         self.agreed = agreed
 
 
+class Preempted(RuntimeError):
+    """A stop signal (SIGTERM, SIGUSR1: SLURM's before a time limit) ended the run at a step
+    every rank agreed on, after a checkpoint there."""
+
+    agreed = True
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_PREEMPTED = 3
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -491,7 +508,9 @@ class Trainer:
         self.mix_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + self.dist.rank)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.run.keep_last)
         self.epoch_log = EpochLog(self.run_dir / "log.jsonl")
-        self.start_epoch, self.global_step, self.best_top1 = 0, 0, -1.0
+        self.start_epoch, self.start_batch, self.global_step, self.best_top1 = 0, 0, 0, -1.0
+        self.resumed_progress: dict[str, Any] | None = None  # a mid-epoch checkpoint's counters
+        self.stop_signal: str | None = None
         self.preview_pending = cfg.run.preview is not None
         self.scalars: Scalars | None = None
 
@@ -524,26 +543,51 @@ class Trainer:
         end = cfg.optim.epochs
         if cfg.run.stop_after:
             end = min(end, self.start_epoch + cfg.run.stop_after)
-        for epoch in range(self.start_epoch, end):
-            stats = self.train_epoch(epoch)
-            last = epoch + 1 == cfg.optim.epochs
-            if last or (epoch + 1) % cfg.eval.every == 0:
-                stats.update(self.evaluate())
-                if self.ema is not None:
-                    ema = self.evaluate(self.ema.module)
-                    stats.update({f"{k}_ema": v for k, v in ema.items() if k != "val_images"})
-            is_best = stats.get("val_top1", -1.0) > self.best_top1
-            self.best_top1 = max(self.best_top1, stats.get("val_top1", -1.0))
-            self.save(epoch, is_best)
-            history.append(stats)
-            self.log(epoch_line(stats, cfg.optim.epochs))
-            if self.dist.main:
-                self.epoch_log.append(stats)
-                write_csv(self.epoch_log.path, self.run_dir / "metrics.csv")
-                self.scalars.log("epoch", stats, self.global_step)
+        with self.stop_signals():
+            for epoch in range(self.start_epoch, end):
+                history.append(self.run_epoch(epoch))
         if self.scalars is not None:
             self.scalars.close()
         return self.summary(history)
+
+    @contextlib.contextmanager
+    def stop_signals(self) -> Iterator[None]:
+        """SIGTERM and SIGUSR1 ask for a stop at the next agreed step (handlers need the main
+        thread; elsewhere the signals keep their default action)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request(signum: int, frame: object) -> None:
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, request) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train ``epoch`` (from the resumed step, if any), evaluate, checkpoint, log."""
+        cfg = self.cfg
+        start = self.start_batch if epoch == self.start_epoch else 0
+        stats = self.train_epoch(epoch, start=start)
+        last = epoch + 1 == cfg.optim.epochs
+        if last or (epoch + 1) % cfg.eval.every == 0:
+            stats.update(self.evaluate())
+            if self.ema is not None:
+                ema = self.evaluate(self.ema.module)
+                stats.update({f"{k}_ema": v for k, v in ema.items() if k != "val_images"})
+        is_best = stats.get("val_top1", -1.0) > self.best_top1
+        self.best_top1 = max(self.best_top1, stats.get("val_top1", -1.0))
+        self.save(epoch, is_best)
+        self.log(epoch_line(stats, cfg.optim.epochs))
+        if self.dist.main:
+            self.epoch_log.append(stats)
+            write_csv(self.epoch_log.path, self.run_dir / "metrics.csv")
+            self.scalars.log("epoch", stats, self.global_step)
+        return stats
 
     def maybe_resume(self) -> None:
         if self.dist.main and self.checkpoints.folder.is_dir():
@@ -568,48 +612,67 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if state["scaler"]:  # empty from a run without fp16 (an amp override)
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][self.dist.rank], self.mix_gen)
-        self.start_epoch, self.global_step = state["epoch"] + 1, state["step"]
+        rank_state = state["ranks"][self.dist.rank]
+        set_rng_state(rank_state["rng"], self.mix_gen)
+        batch = state["batch"]  # None: the checkpoint ends its epoch
+        self.start_epoch, self.global_step = state["epoch"] + (batch is None), state["step"]
+        if batch is not None:
+            self.start_batch, self.resumed_progress = batch, rank_state["progress"]
         self.best_top1 = state["best_top1"]
         barrier()  # every rank has read the checkpoints before rank 0 renames any
         if self.dist.main:
-            for moved in self.checkpoints.abandon_after(state["epoch"]):
+            for moved in self.checkpoints.abandon_after(state["epoch"], batch):
                 self.log(f"set aside {moved}: written after epoch {state['epoch']} by a "
                          "trajectory this run no longer follows")
-            if self.epoch_log.rewind(state["epoch"]):
+            if self.epoch_log.rewind(state["epoch"] - (batch is not None)):
                 self.log("log.jsonl: the lines of the retrained epochs moved to log.superseded.jsonl")
-        self.log(f"resumed from {path}: next epoch {self.start_epoch}")
+        self.log(f"resumed from {path}: epoch {self.start_epoch}, step {self.start_batch}")
 
-    def save(self, epoch: int, is_best: bool) -> None:
-        states = all_gather(rng_state(self.mix_gen), self.dist.world_size)
+    def save(self, epoch: int, is_best: bool, batch: int | None = None,
+             progress: dict[str, Any] | None = None) -> Path | None:
+        """Checkpoint at the end of ``epoch`` or after ``batch`` of its batches (``progress``:
+        this rank's counters of the epoch so far); every rank's RNG states go in too."""
+        ranks = all_gather({"rng": rng_state(self.mix_gen), "progress": progress},
+                           self.dist.world_size)
+        path = None
         if self.dist.main:
             state = {"format": FORMAT, "config": self.cfg.to_dict(),
                      "world_size": self.dist.world_size, "amp": amp_name(self.amp_dtype),
-                     "epoch": epoch, "step": self.global_step,
+                     "epoch": epoch, "batch": batch, "step": self.global_step,
                      "model": unwrap(self.model).state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "rng": states, "best_top1": self.best_top1,
+                     "ranks": ranks, "best_top1": self.best_top1,
                      "ema": self.ema.state_dict() if self.ema is not None else None}
-            self.checkpoints.save(state, epoch, is_best)
+            path = self.checkpoints.save(state, epoch, is_best, batch)
         barrier()
+        return path
 
     # -- train -------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, timer: StageTimer | None = None,
-                    max_steps: int | None = None) -> dict[str, Any]:
-        cfg, loader = self.cfg, self.data.train
-        loader.set_epoch(epoch)
+                    max_steps: int | None = None, start: int = 0) -> dict[str, Any]:
+        """Train ``epoch`` from its batch ``start`` (a mid-epoch resume) to its end."""
+        cfg, loader, guard = self.cfg, self.data.train, self.guard
+        try:
+            loader.set_epoch(epoch, start_batch=start)
+        except ValueError as e:  # a reader that resumes at epoch boundaries only
+            raise ConfigError(f"cannot resume at step {start} of epoch {epoch}: {e}") from None
+        if start and not loader.resumes_exactly:
+            self.log(f"note: the {cfg.data.loader} loader resumes epoch {epoch} at step {start} "
+                     "with other crops than an uninterrupted run")
         self.model.train()
         steps = len(loader) if max_steps is None else min(max_steps, len(loader))
         mixing = self.mixer is not None and mixes_in(cfg, epoch)
-        mixed = 0
-        guard = self.guard
         guard.start_epoch()
-        seen, start = 0, time.perf_counter()
+        seen, mixed = 0, 0
+        if start and self.resumed_progress is not None:
+            guard.load_state_dict(self.resumed_progress["guard"])
+            seen, mixed = self.resumed_progress["seen"], self.resumed_progress["mixed"]
+        begin = time.perf_counter()
         stage = timer or no_stage
         bar = progress_bar(steps, f"epoch {epoch + 1}/{cfg.optim.epochs}") if (
             cfg.run.progress and self.dist.main) else None
         batches = iter(loader)
-        for i in range(steps):
+        for i in range(start, steps):
             with stage("data"):
                 images, labels = next(batches)
             lr = self.lr.at(epoch, i, steps)
@@ -645,26 +708,39 @@ class Trainer:
             guard.record(out.loss, labels.shape[0])
             seen += labels.shape[0]
             self.global_step += 1
-            if (i + 1) % 10 == 0 or i + 1 == steps:  # a sync every 10 steps, not every step
-                if any_rank(guard.diverged()):  # every rank stops at the same step
+            every = cfg.run.checkpoint_every_steps
+            save_here = bool(every) and (i + 1) % every == 0 and i + 1 < steps
+            if (i + 1) % 10 == 0 or i + 1 == steps or save_here:  # a sync every 10 steps
+                diverged, stop = any_rank(torch.stack([
+                    guard.diverged(), torch.tensor(self.stop_signal is not None, device=self.device)]))
+                if diverged:  # every rank stops at the same step
                     raise NonFiniteLoss(self.divergence_message(guard.reason(), epoch, i))
+                if stop or save_here:
+                    progress = {"guard": guard.state_dict(), "seen": seen, "mixed": mixed}
+                    path = self.save(epoch, False, batch=i + 1, progress=progress)
+                    if stop:
+                        raise Preempted(
+                            f"stopped by {self.stop_signal or 'a signal on another rank'} after "
+                            f"step {i + 1} of {steps} of epoch {epoch}; wrote {path or 'a checkpoint'}"
+                            f" (rank 0); continue with --resume auto")
                 if self.scalars is not None:
                     self.scalars.log("train", step_scalars(out, lr, loader.resolution), self.global_step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{guard.loss_sum.item() / max(guard.images.item(), 1):.3f}",
                                     lr=f"{lr:.4f}",
                                     res=loader.resolution,
-                                    img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
+                                    img_s=f"{seen * self.dist.world_size / (time.perf_counter() - begin):.0f}")
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - begin
         total_loss, counted, total_seen = all_reduce_sum(
             [guard.loss_sum.item(), guard.images.item(), float(seen)], self.device)
         return {"epoch": epoch, "train_loss": total_loss / max(counted, 1), "lr": lr,
                 "resolution": loader.resolution, "batch_size": loader.batch_size * self.dist.world_size,
                 "mixing": cfg.mix.kind if mixing else "none", "mixed_fraction": mixed / max(steps, 1),
+                "resumed_at_step": start,
                 "images_per_second": total_seen / elapsed, "epoch_seconds": elapsed}
 
     def accumulate(self, images: torch.Tensor, labels: torch.Tensor, mix: bool,
@@ -795,6 +871,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except BaseException as e:
         if not getattr(e, "agreed", False):
             report_failure(f"{type(e).__name__}: {e}")
+        if isinstance(e, Preempted) and __name__ == "__main__":
+            if _main_rank():
+                print(f"preempted: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_PREEMPTED) from None
         if isinstance(e, KNOWN_ERRORS) and __name__ == "__main__":
             if not isinstance(e, ConfigError) or _main_rank():
                 print(f"error: {e}", file=sys.stderr)

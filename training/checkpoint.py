@@ -28,7 +28,13 @@ from .config import ConfigError
 FORMAT = 2
 """Version 2: weights-only content. Version 1 pickled numpy and Python RNG states."""
 
-_NAME = re.compile(r"ckpt_epoch(\d+)\.pt")
+_NAME = re.compile(r"ckpt_epoch(\d+)(?:_step(\d+))?\.pt")
+
+
+def _position(path: Path) -> tuple[int, float]:
+    """(epoch, batches done in it) of a checkpoint's name; an end-of-epoch one counts as all."""
+    m = _NAME.fullmatch(path.name)
+    return int(m.group(1)), float(m.group(2)) if m.group(2) else float("inf")
 
 
 class CheckpointError(ValueError):
@@ -104,10 +110,10 @@ class Checkpoints:
         self.keep_last = keep_last
 
     def paths(self) -> list[Path]:
-        """The checkpoints of the current trajectory, oldest first."""
-        found = [(int(m.group(1)), p) for p in self.folder.glob("ckpt_epoch*.pt")
-                 if (m := _NAME.fullmatch(p.name))]
-        return [p for _, p in sorted(found)]
+        """The checkpoints of the current trajectory, oldest first: ``ckpt_epochNNNN.pt`` at an
+        epoch's end, ``ckpt_epochNNNN_stepKKKKKK.pt`` after K of its batches."""
+        found = [p for p in self.folder.glob("ckpt_epoch*.pt") if _NAME.fullmatch(p.name)]
+        return sorted(found, key=_position)
 
     def remove_temporaries(self) -> list[Path]:
         """Delete the temporary files of interrupted writes; return them."""
@@ -116,9 +122,12 @@ class Checkpoints:
             p.unlink(missing_ok=True)
         return stale
 
-    def save(self, state: dict[str, Any], epoch: int, is_best: bool) -> Path:
+    def save(self, state: dict[str, Any], epoch: int, is_best: bool, batch: int | None = None) -> Path:
+        """Write ``state`` as epoch ``epoch``'s checkpoint (after ``batch`` of its batches, or at
+        its end), then keep the newest ``keep_last``."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"ckpt_epoch{epoch:04d}.pt"
+        step = f"_step{batch:06d}" if batch is not None else ""
+        path = self.folder / f"ckpt_epoch{epoch:04d}{step}.pt"
         atomic_save(state, path)
         if is_best:
             tmp = self.folder / ".best.pt.tmp"
@@ -132,14 +141,16 @@ class Checkpoints:
             old.unlink()
         return path
 
-    def abandon_after(self, epoch: int) -> list[Path]:
-        """Rename the checkpoints written after ``epoch`` (``best.pt`` too, if it is one of
-        them) to ``*.abandoned``, so that no later resume picks them up; return the new paths."""
-        later = [p for p in self.paths() if int(_NAME.fullmatch(p.name).group(1)) > epoch]
+    def abandon_after(self, epoch: int, batch: int | None = None) -> list[Path]:
+        """Rename the checkpoints written after epoch ``epoch`` (after ``batch`` of its batches,
+        if given; ``best.pt`` too, if it is one of them) to ``*.abandoned``, so that no later
+        resume picks them up; return the new paths."""
+        here = (epoch, float("inf") if batch is None else float(batch))
+        later = [p for p in self.paths() if _position(p) > here]
         best = self.folder / "best.pt"
         if best.is_file():
             try:
-                if torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"] > epoch:
+                if torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"] >= epoch + (batch is None):
                     later.append(best)
             except Exception:  # an unreadable best.pt is not of this trajectory either
                 later.append(best)

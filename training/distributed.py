@@ -101,12 +101,12 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: torch.Tensor) -> bool:
-    """Whether ``flag`` (a 0-d bool tensor) is set on any rank (one small all-reduce)."""
-    flag = flag.to(torch.int32).reshape(1)
+def any_rank(flags: torch.Tensor) -> list[bool]:
+    """Element-wise: whether any rank set each flag of ``flags`` (one small all-reduce)."""
+    flags = flags.to(torch.int32).reshape(-1)
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]
 
 
 def barrier() -> None:

@@ -44,3 +44,15 @@ class DivergenceGuard:
             return (f"the GradScaler skipped {self.skipped_in_a_row} steps in a row (an fp16 "
                     f"overflow at every step; optim.max_skipped_steps is {self.max_skipped})")
         return "non-finite training loss"
+
+    def state_dict(self) -> dict[str, object]:
+        """The epoch's sums so far and the skip count, for a checkpoint in mid-epoch."""
+        return {"loss_sum": self.loss_sum.cpu(), "images": self.images.cpu(),
+                "non_finite": self.non_finite.cpu(), "skipped_in_a_row": self.skipped_in_a_row,
+                "scale": self._scale}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.images = state["images"].to(self.device)
+        self.non_finite = state["non_finite"].to(self.device)
+        self.skipped_in_a_row, self._scale = state["skipped_in_a_row"], state["scale"]
