@@ -70,6 +70,7 @@ from pipelines.demo import ensure_demo_dataset, load_boxes  # noqa: E402
 from pipelines.folder import Samples  # noqa: E402
 from pipelines.imagefolder import scan_image_folder  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
+from training.report import pyplot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIXES = ("none", "mixup", "cutmix", "grafting", "sage")
@@ -237,9 +238,7 @@ def table(agg: dict, box_share: float, seeds: int) -> str:
 
 
 def plot(agg: dict, box_share: float, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     keys = (("val_top1", "val top-1 (%)"), ("occluded_top1", "occluded val top-1 (%)"),
             ("saliency_in_box", f"{FEATURE_LAYER} saliency in the box (%)"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

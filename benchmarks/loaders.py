@@ -98,6 +98,7 @@ from PIL import Image, ImageDraw, features  # noqa: E402
 
 from pipelines import OutputSpec, Phase, Phases, make_loader  # noqa: E402
 from pipelines.ffcv import WRITE_MODES, ensure_beton  # noqa: E402
+from training.report import pyplot  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SALMIX = ("folder", "dali", "dali-file", "ffcv")
@@ -645,10 +646,7 @@ def chart(results: dict, ratio: dict, duel: dict, ceiling: dict, workers: int, t
           path: Path) -> None:
     """Images/s per loader and resolution (raw libraries hatched), and the salmix/raw ratios
     (head to head: solid; sequential epochs: dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     resolutions = list(results)
     names = list(results[resolutions[0]])
