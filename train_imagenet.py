@@ -20,13 +20,11 @@ import importlib.util
 import json
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -48,8 +46,8 @@ from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, check_res
                                  record_overrides, rng_state, set_rng_state)
 from training.config import ConfigError, neutral
 from training.data import build_data, count_train_images
-from training.distributed import (all_gather, all_reduce_sum, any_rank, barrier, init_distributed,
-                                  report_failure, shutdown)
+from training.distributed import (StopRequest, all_gather, all_reduce_sum, any_rank, barrier,
+                                  init_distributed, report_failure, shutdown, stop_requests)
 from training.ema import ModelEma
 from training.guard import DivergenceGuard
 from training.models import (apply_blurpool, check_arch, create_model, init_classifier,
@@ -467,7 +465,6 @@ class Preempted(RuntimeError):
     agreed = True
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_PREEMPTED = 3
 
 
@@ -510,7 +507,7 @@ class Trainer:
         self.epoch_log = EpochLog(self.run_dir / "log.jsonl")
         self.start_epoch, self.start_batch, self.global_step, self.best_top1 = 0, 0, 0, -1.0
         self.resumed_progress: dict[str, Any] | None = None  # a mid-epoch checkpoint's counters
-        self.stop_signal: str | None = None
+        self.stop = StopRequest()
         self.preview_pending = cfg.run.preview is not None
         self.scalars: Scalars | None = None
 
@@ -543,30 +540,12 @@ class Trainer:
         end = cfg.optim.epochs
         if cfg.run.stop_after:
             end = min(end, self.start_epoch + cfg.run.stop_after)
-        with self.stop_signals():
+        with stop_requests() as self.stop:
             for epoch in range(self.start_epoch, end):
                 history.append(self.run_epoch(epoch))
         if self.scalars is not None:
             self.scalars.close()
         return self.summary(history)
-
-    @contextlib.contextmanager
-    def stop_signals(self) -> Iterator[None]:
-        """SIGTERM and SIGUSR1 ask for a stop at the next agreed step (handlers need the main
-        thread; elsewhere the signals keep their default action)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def request(signum: int, frame: object) -> None:
-            self.stop_signal = signal.Signals(signum).name
-
-        previous = {s: signal.signal(s, request) for s in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train ``epoch`` (from the resumed step, if any), evaluate, checkpoint, log."""
@@ -712,7 +691,7 @@ class Trainer:
             save_here = bool(every) and (i + 1) % every == 0 and i + 1 < steps
             if (i + 1) % 10 == 0 or i + 1 == steps or save_here:  # a sync every 10 steps
                 diverged, stop = any_rank(torch.stack([
-                    guard.diverged(), torch.tensor(self.stop_signal is not None, device=self.device)]))
+                    guard.diverged(), torch.tensor(self.stop.signal is not None, device=self.device)]))
                 if diverged:  # every rank stops at the same step
                     raise NonFiniteLoss(self.divergence_message(guard.reason(), epoch, i))
                 if stop or save_here:
@@ -720,7 +699,7 @@ class Trainer:
                     path = self.save(epoch, False, batch=i + 1, progress=progress)
                     if stop:
                         raise Preempted(
-                            f"stopped by {self.stop_signal or 'a signal on another rank'} after "
+                            f"stopped by {self.stop.signal or 'a signal on another rank'} after "
                             f"step {i + 1} of {steps} of epoch {epoch}; wrote {path or 'a checkpoint'}"
                             f" (rank 0); continue with --resume auto")
                 if self.scalars is not None:

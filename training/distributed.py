@@ -9,12 +9,15 @@ all-reduced flag at a step boundary) need no watcher: every rank stops at the sa
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
 import sys
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -146,3 +149,34 @@ def main_rank_first(shard: Shard, work: Callable[[], None], what: str,
             print(f"rank {shard.rank}: waiting for rank 0 to {what} "
                   f"({last - start:.0f} s so far)", flush=True)
     print(f"rank {shard.rank}: rank 0 did {what} in {time.monotonic() - start:.1f} s", flush=True)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class StopRequest:
+    """The stop signal this process received (SIGTERM, SIGUSR1: SLURM's before a time limit),
+    for the trainer to act on at its next agreed step; None while none came."""
+
+    signal: str | None = None
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """Within the block, SIGTERM and SIGUSR1 are recorded instead of ending the process
+    (handlers need the main thread; elsewhere the signals keep their default action)."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def record(signum: int, frame: object) -> None:
+        request.signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, record) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
