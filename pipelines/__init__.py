@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import (IMAGENET_MEAN, IMAGENET_STD, Loader, OutputSpec, Shard, ShardSplit,
-                   default_device, val_resize)
+from .base import (IMAGENET_MEAN, IMAGENET_STD, BadImageError, Loader, OutputSpec, Shard,
+                   ShardSplit, default_device, val_resize)
 from .resolution import Fixed, LinearRamp, Phase, Phases, ResolutionSchedule, schedule_from_dict
 
 BACKENDS = {
@@ -53,7 +53,7 @@ def make_loader(backend: str, source: Any, **kwargs: Any) -> Loader:
 
 
 __all__ = [
-    "BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "Fixed", "LinearRamp", "Loader",
+    "BACKENDS", "BadImageError", "IMAGENET_MEAN", "IMAGENET_STD", "Fixed", "LinearRamp", "Loader",
     "MissingBackendError", "OutputSpec", "Phase", "Phases", "ResolutionSchedule", "Shard",
     "ShardSplit",
     "default_device", "loader_class", "make_loader", "require", "schedule_from_dict",

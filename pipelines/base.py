@@ -7,7 +7,15 @@ A loader yields ``(images, labels)`` already on the training device:
 - ``labels``: ``int64`` of shape ``N``.
 
 ``len(loader)`` is the number of batches per epoch on this rank, and ``set_epoch(e)`` applies
-epoch ``e``'s resolution, batch size and shuffling seed before the next iteration.
+epoch ``e``'s resolution, batch size and shuffling seed before the next iteration;
+``set_epoch(e, start_batch=k)`` makes the next iteration resume epoch ``e`` at its batch ``k``
+(a step-level resume: the ``k`` batches before are skipped without being read or decoded, and
+``len()`` stays the whole epoch's count). ``loader.resumes_exactly`` says whether the batches
+so yielded are bitwise those an uninterrupted epoch yields from batch ``k`` on (same images,
+crops and flips), or only the same images in the same order.
+
+A file a backend cannot decode raises :class:`BadImageError` (a ValueError) naming the path
+and the reason in words, whichever the backend.
 
 Train mode: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) and horizontal flip. Validation
 mode: resize the shorter side to ``res / 0.875`` and centre-crop ``res``.
@@ -58,6 +66,29 @@ DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
+
+
+class BadImageError(ValueError):
+    """An image file a loader cannot decode; the message names the path and the reason in words.
+
+    ``BadImageError(path, reason)`` says ``cannot decode <path>: <reason>`` and keeps ``path``
+    and ``reason``; ``BadImageError(message)`` keeps a message as given, except that one
+    re-raised by a DataLoader worker (``Caught BadImageError in DataLoader worker process 0.
+    Original Traceback ...``) is cut back to the original message, the traceback's last line.
+    """
+
+    def __init__(self, path_or_message: object, reason: str | None = None) -> None:
+        self.path: str | None = None
+        self.reason = reason
+        if reason is None:
+            message = str(path_or_message)
+            if "Original Traceback" in message:  # torch's ExceptionWrapper.reraise
+                last = message.rstrip().splitlines()[-1]
+                message = last.split(": ", 1)[1] if ": " in last else last
+        else:
+            self.path = os.fspath(path_or_message)
+            message = f"cannot decode {self.path}: {reason}"
+        super().__init__(message)
 
 
 def val_resize(res: int) -> int:
@@ -284,6 +315,10 @@ class Loader(abc.ABC):
 
     source: object
     num_samples: int
+    #: Whether ``set_epoch(e, start_batch=k)`` then iterating yields bitwise the batches an
+    #: uninterrupted iteration of epoch ``e`` yields from batch ``k`` on (crops and flips
+    #: included). False where only the images and their order are the same.
+    resumes_exactly: bool = True
 
     def __init__(
         self,
@@ -306,12 +341,28 @@ class Loader(abc.ABC):
         self.drop_last = train if drop_last is None else bool(drop_last)
         self._default_batch_size = batch_size
         self.epoch = 0
+        self.start_batch = 0  # where the next iteration starts in the epoch (set_epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Apply ``epoch``'s resolution, batch size and shuffling seed to the next iteration."""
-        if not isinstance(epoch, int) or epoch < 0:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Apply ``epoch``'s resolution, batch size and shuffling seed to the next iteration,
+        which starts at the epoch's batch ``start_batch`` (0 to ``len()``; ``len()`` gives an
+        empty iteration): the batches before it are skipped unread, the ones after are those
+        an uninterrupted epoch yields there (see :attr:`resumes_exactly`). ``start_batch``
+        holds for one iteration: the one after it starts the epoch again at batch 0."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = epoch
+        if not isinstance(start_batch, int) or isinstance(start_batch, bool) or start_batch < 0:
+            raise ValueError(f"start_batch must be a non-negative int, got {start_batch!r}")
+        if start_batch and start_batch > (batches := self.split_at(epoch).num_batches):
+            raise ValueError(f"{self.source}: start_batch={start_batch} is past the end of "
+                             f"epoch {epoch}, which has {batches} batches on this rank")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _take_start(self) -> int:
+        """The batch the iteration now starting begins at (``set_epoch``'s ``start_batch``),
+        reset to 0 for the iterations after it."""
+        start, self.start_batch = self.start_batch, 0
+        return start
 
     @property
     def resolution(self) -> int:
@@ -347,9 +398,11 @@ class Loader(abc.ABC):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def chain_epochs(epoch_batches: Callable[[int], list | None], first: int) -> Iterator:
-    """The items of ``epoch_batches(first)``, then of ``first + 1``, ...: consecutive epochs as
-    one stream, for loaders that decode ahead across epoch boundaries. ``None`` ends it.
+def chain_epochs(epoch_batches: Callable[[int], list | None], first: int,
+                 skip: int = 0) -> Iterator:
+    """The items of ``epoch_batches(first)`` from its item ``skip`` on, then of ``first + 1``,
+    ...: consecutive epochs as one stream, for loaders that decode ahead across epoch
+    boundaries (``skip``: a resumed epoch's batches already consumed). ``None`` ends it.
 
     ``epoch_batches`` is a loader's method, held weakly: a stream the loader keeps does not keep
     the loader (and its workers or pipeline) alive through a reference cycle.
@@ -361,6 +414,6 @@ def chain_epochs(epoch_batches: Callable[[int], list | None], first: int) -> Ite
             batches = method()(epoch)  # alive: only its loader pulls the stream
             if batches is None:
                 return
-            yield from batches
+            yield from batches[skip:] if epoch == first else batches
 
     return epochs()

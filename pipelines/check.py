@@ -10,7 +10,12 @@ data that decoders silently turn into a damaged picture is caught; other formats
 ``--quick`` reads headers only (formats, colour modes, empty and non-image files).
 
 Each problem has a kind; :data:`KINDS` says whether it is an error (loaders fail on it or
-mis-read it) or a warning (loaders handle it: decoded correctly to RGB, or never read).
+mis-read it) or a warning (loaders handle it: decoded correctly to RGB, or never read, or
+treated in a way worth knowing). Besides damaged files the check names the images every
+loader takes but treats specially: 16-bit images (scaled to 8 bits), images whose short side
+is under :data:`TINY_SIDE` px (every crop is upsampled from a few pixels), extreme aspect
+ratios (over :data:`EXTREME_ASPECT`: crops see a small part, FFCV stores a thin strip) and EXIF
+orientation tags (ignored: the stored pixels are used). A file gets its most serious finding.
 Exit status: 1 when there are errors, 0 otherwise, 2 when the tree cannot be listed (the
 message names why: a missing or unreadable folder, or the directory symlinks that loop back
 into the tree, which no loader reads either).
@@ -53,15 +58,30 @@ KINDS = {
     "truncated": Kind(True, "fail (PIL), or return the image with its missing part grey (libjpeg)"),
     "corrupt": Kind(True, "fail: the decoder rejects the data"),
     "corrupt_scan": Kind(True, "mis-read: decoders return a damaged picture without an error"),
-    "high_bit_depth": Kind(True, "fail (FolderLoader) or mis-read: PIL's RGB conversion clips "
-                                 "values above 255"),
+    "unsupported_depth": Kind(True, "fail: 32-bit integer or float pixels have no agreed 8-bit "
+                                    "scale (DALI may decode them)"),
     "empty_class": Kind(True, "fail: an empty class folder would shift or orphan labels"),
     "wrong_format": Kind(False, "handled: decoded by content, whatever the file name says"),
     "cmyk": Kind(False, "handled: converted to RGB"),
     "grayscale": Kind(False, "handled: converted to RGB"),
     "jpeg_warning": Kind(False, "handled: junk bytes after the image data are ignored"),
     "skipped": Kind(False, "skipped: loaders never read it"),
+    "high_bit_depth": Kind(False, "handled: 16 bits scaled to 8 (v / 257) by every backend"),
+    "tiny": Kind(False, "handled: upsampled; every crop comes from a few pixels"),
+    "extreme_aspect": Kind(False, "handled: a crop (aspect 3/4 to 4/3) sees a small part of it; "
+                                  "FFCV's writer stores it as a thin strip (1 px at least)"),
+    "exif_orientation": Kind(False, "handled: the EXIF orientation is ignored, the stored pixels "
+                                    "are used (PIL's and ImageNet's practice)"),
 }
+
+#: Short sides under this many pixels are ``tiny``: the random-resized crop's smallest scale
+#: (8 % of the area) then keeps under 2 px a side, the validation crop under 7 px.
+TINY_SIDE = 8
+#: Long side / short side above this is ``extreme_aspect``: a training crop (aspect at most
+#: 4/3) covers at most 1/6 of the long side, and FFCV's writer at ``max_resolution`` 256
+#: stores the short side in under 26 px.
+EXTREME_ASPECT = 10
+EXIF_ORIENTATION = 0x0112
 
 #: Formats PIL may report for the data behind each image extension.
 FORMATS_BY_EXTENSION = {
@@ -135,6 +155,34 @@ def strict_jpeg_decode(data: bytes) -> tuple[bool, str] | None:
         lib.tjDestroy(handle)
 
 
+#: Markers that may stand between a JPEG's SOI and its SOS: SOFn, DHT, DAC, DQT, DRI, DNL, APPn,
+#: JPGn, COM (and TEM).
+_HEADER_MARKERS = frozenset([0x01, *range(0xC0, 0xD0), *range(0xDB, 0xE0), *range(0xE0, 0xFF)])
+
+
+def jpeg_structure(data: bytes) -> tuple[str, str] | None:
+    """Walk a JPEG's marker segments from SOI to SOS: ``("truncated", detail)`` when the file
+    ends inside them (a prefix of a well-formed header), ``("corrupt", detail)`` when a segment
+    is not a valid marker (random bytes after the header), None when the header reaches its
+    scan."""
+    pos = 2
+    while True:
+        if pos + 4 > len(data):
+            return "truncated", f"the file ends inside the JPEG header ({len(data)} bytes)"
+        marker = data[pos + 1]
+        if data[pos] == 0xFF and marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if data[pos] != 0xFF or marker not in _HEADER_MARKERS | {0xDA} or length < 2:
+            return "corrupt", f"JPEG header damaged: no valid marker segment at byte {pos}"
+        if pos + 2 + length > len(data):
+            return "truncated", f"the file ends inside the JPEG header ({len(data)} bytes)"
+        if marker == 0xDA:
+            return None
+        pos += 2 + length
+
+
 def _jpeg_problem(path: str, data: bytes) -> Problem | None:
     found = strict_jpeg_decode(data)
     if found is None:
@@ -166,18 +214,36 @@ def check_file(path: str | os.PathLike, *, decode: bool = True) -> Problem | Non
     strict_jpeg = decode and turbojpeg() is not None
     try:
         with Image.open(io.BytesIO(data)) as img:
-            fmt, mode = img.format, img.mode
+            fmt, mode, size = img.format, img.mode, img.size
+            rawmode = _rawmode(img)
+            orientation = _orientation(img)
             if decode and not (strict_jpeg and fmt in JPEG_FORMATS):
                 img.load()
     except UnidentifiedImageError:
+        if data.startswith(b"\xff\xd8\xff"):  # a JPEG signature, then no readable header
+            kind, detail = jpeg_structure(data) or ("corrupt", "JPEG header damaged")
+            return Problem(path, kind, detail)
         return Problem(path, "non_image", "no image format recognised")
     except Exception as e:
+        if data.startswith(b"\xff\xd8\xff") and (found := jpeg_structure(data)):
+            return Problem(path, *found)  # PIL calls any overrun of the file "truncated"
         kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
         return Problem(path, kind, f"{type(e).__name__}: {e}")
     if strict_jpeg and fmt in JPEG_FORMATS and (problem := _jpeg_problem(path, data)):
         return problem
-    if mode == "F" or mode.startswith("I"):
-        return Problem(path, "high_bit_depth", f"{fmt} in mode {mode}")
+    if mode in ("F", "I"):
+        return Problem(path, "unsupported_depth", f"{fmt} in mode {mode}")
+    if mode.startswith("I;16") or ";16" in rawmode:
+        return Problem(path, "high_bit_depth", f"16-bit {fmt} ({rawmode or mode})")
+    short, long = min(size), max(size)
+    if short < TINY_SIDE:
+        return Problem(path, "tiny", f"{size[0]} x {size[1]} px: short side under {TINY_SIDE}")
+    if long > EXTREME_ASPECT * short:
+        return Problem(path, "extreme_aspect", f"{size[0]} x {size[1]} px (aspect "
+                                               f"{long / short:.0f}:1, above {EXTREME_ASPECT}:1)")
+    if orientation not in (None, 1):
+        return Problem(path, "exif_orientation", f"EXIF orientation {orientation} "
+                                                 f"({ORIENTATIONS.get(orientation, 'invalid')})")
     extension = os.path.splitext(path)[1]
     if fmt not in FORMATS_BY_EXTENSION.get(extension.lower(), {fmt}):
         return Problem(path, "wrong_format", f"{fmt} data under a {extension} name")
@@ -186,6 +252,26 @@ def check_file(path: str | os.PathLike, *, decode: bool = True) -> Problem | Non
     if Image.getmodebase(mode) == "L":
         return Problem(path, "grayscale", f"{fmt} in mode {mode}")
     return None
+
+
+#: What each EXIF orientation value asks a viewer to do.
+ORIENTATIONS = {2: "mirror", 3: "rotate 180", 4: "flip vertically", 5: "transpose",
+                6: "rotate 90 clockwise", 7: "transverse", 8: "rotate 90 counter-clockwise"}
+
+
+def _rawmode(img: Image.Image) -> str:
+    """The decoder's raw mode of ``img``'s first tile (``"RGB;16B"`` for a 16-bit RGB PNG)."""
+    args = img.tile[0].args if img.tile else ""
+    return str(args[0] if isinstance(args, tuple) and args else args or "")
+
+
+def _orientation(img: Image.Image) -> object:
+    """The EXIF orientation tag, or None (also when the EXIF block does not parse: the loaders
+    never read it)."""
+    try:
+        return img.getexif().get(EXIF_ORIENTATION)
+    except Exception:
+        return None
 
 
 # --- a tree --------------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ import torch
 from nvidia.dali import types
 from nvidia.dali.pipeline import Pipeline
 
-from .base import Loader, OutputSpec, Shard, resolve_workers
+from .base import BadImageError, Loader, OutputSpec, Shard, resolve_workers
 from .dali_adaptor import DaliAdaptor
 from .dali_feed import FeedReader
 from .dali_file import FileReader
 from .dali_graph import dali_reason, first_undecodable
 from .imagefolder import scan_image_folder
+from .images import check_reason
 from .resolution import ResolutionSchedule
 
 #: ``DaliLoader(reader=...)``: Python feeds each batch's files, or ``fn.readers.file`` picks them.
@@ -74,6 +75,12 @@ class DaliLoader(Loader):
     order; needs ``N >= world_size``). Choose ``"feed"`` unless you need DALI's reader.
     ``num_workers`` is DALI's ``num_threads``, ``prefetch`` its ``prefetch_queue_depth``.
     Decoding is ``mixed`` (GPU) when the output device is CUDA, ``cpu`` otherwise.
+
+    ``set_epoch(e, start_batch=k)`` (feed mode only; file mode resumes at epoch starts): the
+    feed starts at batch ``k``, so the skipped batches are never read. The images and their
+    order are those of the uninterrupted epoch; in training the crops and flips are not
+    (:attr:`resumes_exactly` is False): DALI draws them from one generator per pipeline, whose
+    state depends on how many batches it decoded before.
     """
 
     def __init__(
@@ -115,6 +122,20 @@ class DaliLoader(Loader):
         self._reader = READER_CLASSES[reader](self)
         len(self)  # a training split too small for one batch fails here, not in the trainer
 
+    @property
+    def resumes_exactly(self) -> bool:
+        """True for feed-mode validation only: training crops and flips come from DALI's
+        generator (which has drawn for fewer batches after a skip); file mode cannot skip."""
+        return self.reader == "feed" and not self.train
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if start_batch and self.reader == "file":
+            raise ValueError(
+                f"DaliLoader(reader='file') resumes only at the start of an epoch, not at "
+                f"batch {start_batch}: DALI's reader picks the order. To resume mid-epoch, "
+                f"read with reader='feed' (the trainer's data.dali_reader feed)")
+        super().set_epoch(epoch, start_batch)
+
     def build(self, graph: Callable[..., Pipeline], batch_size: int, seed: int,
               *args: object) -> Pipeline:
         """A built ``graph(*args)`` (a :mod:`pipelines.dali_graph` pipeline) with this loader's
@@ -142,16 +163,19 @@ class DaliLoader(Loader):
                                "same DaliLoader")
 
     def bad_file_error(self, error: Exception, suspects: Callable[[], Sequence[str]]
-                       ) -> RuntimeError:
-        """An error naming the file DALI failed on: the one its message names, else the first
-        of ``suspects()`` that fails to decode alone (DALI's decode errors name no file)."""
+                       ) -> Exception:
+        """A :class:`BadImageError` naming the file DALI failed on: the one its message names,
+        else the first of ``suspects()`` that fails to decode alone (DALI's decode errors name
+        no file), with the reason in words (the dataset check's, then DALI's)."""
         reason = dali_reason(error)
         named = [p for p in self.paths if p in reason]
         bad = max(named, key=len) if named else first_undecodable(suspects(), self.device_id)
         if bad is None:
             return RuntimeError(f"DALI failed on a batch, but none of the files in flight "
-                                f"fails to decode alone: {reason}")
-        return RuntimeError(f"DALI cannot load image file {bad}: {reason}")
+                                f"fails to decode alone: {reason or type(error).__name__}")
+        reason = reason.replace(bad, "the file").strip(" :")
+        words = [w for w in (check_reason(bad), reason and f"DALI: {reason}") if w]
+        return BadImageError(bad, "; ".join(words) or "DALI cannot decode it, giving no reason")
 
 
 __all__ = ["READERS", "DaliAdaptor", "DaliLoader", "list_source", "read_file_list"]

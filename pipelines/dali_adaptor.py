@@ -36,7 +36,8 @@ class DaliAdaptor:
     layout from DALI's metadata and ``num_samples`` from the reader. For an iterator, the
     layout is inferred from where the 3 colour channels are and ``num_samples`` is None.
     ``set_epoch`` only records the epoch: the pipeline's own arguments fix its sizes, batch
-    size, shuffling and sharding. DALI iterators cannot restart mid-epoch: a loop that stops
+    size, shuffling and sharding; it cannot skip into an epoch (``start_batch`` must be 0,
+    :attr:`resumes_exactly` is False). DALI iterators cannot restart mid-epoch: a loop that stops
     early continues where it stopped. ``resolution`` is the width of the last batch delivered.
     """
 
@@ -98,10 +99,18 @@ class DaliAdaptor:
         return _LayoutRecordingIterator(pipe, list(output_map), reader_name=reader_name,
                                         size=size, last_batch_policy=policy)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Record the epoch. The wrapped pipeline's sizes and shuffling are its own."""
+    #: A wrapped pipeline's order and augmentation are its own: no resumed epoch repeats them.
+    resumes_exactly = False
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Record the epoch. The wrapped pipeline's sizes and shuffling are its own, and it
+        cannot start mid-epoch: ``start_batch`` other than 0 is a ValueError."""
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if start_batch != 0:
+            raise ValueError(f"DaliAdaptor cannot start epoch {epoch} at batch {start_batch!r}: "
+                             f"a wrapped DALI pipeline reads in its own order; resume at an "
+                             f"epoch's start, or use DaliLoader(reader='feed')")
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -131,6 +140,11 @@ class DaliAdaptor:
                              f"layout {layout!r} (expected N x H x W x 3 or N x 3 x H x W)")
         if not layout:
             channels = [dim for dim in (1, 3) if shape[dim] == 3]
+            few = [dim for dim in (1, 3) if shape[dim] in (1, 2, 4)]
+            if not channels and len(few) == 1:  # grayscale (+ alpha) or RGBA, by elimination
+                raise ValueError(f"output {self.image_key!r} of shape {shape} has "
+                                 f"{shape[few[0]]} channel(s), expected 3 (RGB): decode with "
+                                 f"output_type=types.RGB")
             if len(channels) != 1:
                 raise ValueError(f"cannot tell the layout of output {self.image_key!r} of shape "
                                  f"{shape}: pass the pipeline rather than its iterator")
@@ -152,13 +166,25 @@ class DaliAdaptor:
             raise ValueError(f"output {self.image_key!r} is {images.dtype}: expected uint8 pixels "
                              f"or a float batch normalised by the pipeline "
                              f"(normalized={self.normalized})")
-        # Normalised pixels lie within about +-3; 0-255 floats mean the pipeline forgot mean/std.
-        peak = images.abs().amax().item() if check else 0.0
-        if peak > 10:
-            raise ValueError(f"output {self.image_key!r} is {images.dtype} with values up to "
-                             f"{peak:.0f}: not normalised. Normalise in the pipeline "
-                             f"(crop_mirror_normalize, mean/std in 0-255 units) or output uint8")
+        if check:  # the first batch only: one reduction, one sync
+            self._check_normalized(images)
         return self.output.finish(images)
+
+    def _check_normalized(self, images: torch.Tensor) -> None:
+        """Normalised ImageNet pixels lie within about +-3 and a batch has negative ones (a
+        pixel darker than the mean); 0-255 floats mean the pipeline forgot mean/std, floats
+        in [0, 1] that it scaled the pixels without normalising them."""
+        low, high = (v.item() for v in torch.aminmax(images.float()))
+        fix = ("Normalise in the pipeline (crop_mirror_normalize with mean and std in 0-255 "
+               "units: mean=[0.485 * 255, 0.456 * 255, 0.406 * 255], std=[0.229 * 255, "
+               "0.224 * 255, 0.225 * 255]) or output uint8")
+        if max(abs(low), abs(high)) > 10:
+            raise ValueError(f"output {self.image_key!r} is {images.dtype} with values up to "
+                             f"{max(abs(low), abs(high)):.0f}: not normalised. {fix}")
+        if 0 <= low and high <= 1:
+            raise ValueError(f"output {self.image_key!r} is {images.dtype} with every value in "
+                             f"[0, 1] ({low:.2f} to {high:.2f}): pixels scaled to 1 but not "
+                             f"normalised (a normalised batch has negative values). {fix}")
 
     def _labels(self, labels: torch.Tensor, n: int) -> torch.Tensor:
         if labels.numel() != n or labels.is_floating_point():

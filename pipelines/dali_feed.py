@@ -5,7 +5,9 @@ of ``(seed, epoch)``: exact shards, and a resumed run sees the same data. The fe
 epochs (epoch ``e + 1``'s batches, at its size, follow epoch ``e``'s), so DALI's prefetching
 crosses the epoch boundary; when the next ``iter()`` is not for what was fed, the batches in
 flight are drained and the feed restarts. One pipeline serves every resolution; it is rebuilt
-only when the batch size grows. Why this design: ``docs/design/dali.md``.
+only when the batch size grows. A resumed epoch (``set_epoch(e, start_batch=k)``) restarts the
+feed at its batch ``k``: the batches before are never read. Why this design:
+``docs/design/dali.md``.
 """
 from __future__ import annotations
 
@@ -93,19 +95,20 @@ class FeedReader:
         """The running pipeline if its feed goes on with the loader's epoch, else one restarted
         on it (the batches in flight drained, the pipeline rebuilt if the batch size grew)."""
         loader = self.loader
+        start = loader._take_start()
         rebuild = self.pipe is None or loader.batch_size > self.pipe.max_batch_size
-        if rebuild or self.owed or self.next_epoch != loader._epoch_key(loader.epoch):
+        if rebuild or self.owed or start or self.next_epoch != loader._epoch_key(loader.epoch):
             self._drain()
             if rebuild:
                 self.iterator = self.pipe = None
                 self.pipe = self._pipeline()
-            self.feed.start(chain_epochs(self.batches, loader.epoch))
+            self.feed.start(chain_epochs(self.batches, loader.epoch, start))
             if self.iterator is None:
                 self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"],
                                                     prepare_first_batch=False)
             else:
                 self.iterator.reset()
-        self.owed, self.next_epoch = len(loader), loader._epoch_key(loader.epoch + 1)
+        self.owed, self.next_epoch = len(loader) - start, loader._epoch_key(loader.epoch + 1)
         return self.iterator
 
     def _next(self, iterator: DALIGenericIterator) -> Batch:

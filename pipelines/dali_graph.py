@@ -2,12 +2,14 @@
 resize and normalise; and the small graphs that find the file a failed batch choked on.
 
 Training: random-resized-crop and a random flip; validation: the shorter side resized, then a
-centre crop. ``crop_mirror_normalize`` writes the output dtype and layout directly. Design notes
-and measurements: ``docs/design/dali.md``.
+centre crop. ``crop_mirror_normalize`` writes the output dtype and layout directly. EXIF
+orientation is ignored (``adjust_orientation=False``), as PIL ignores it in the other backends.
+Design notes and measurements: ``docs/design/dali.md``.
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -27,7 +29,7 @@ def augment(encoded, size, shorter=None, *, decoder: str, dtype: types.DALIDataT
     Training (no ``shorter``): random-resized-crop to ``size`` x ``size`` and a random flip.
     Validation: the shorter side resized to ``shorter``, then a centre crop of ``size``.
     """
-    decode = dict(device=decoder, output_type=types.RGB,
+    decode = dict(device=decoder, output_type=types.RGB, adjust_orientation=False,
                   device_memory_padding=DEVICE_MEMORY_PADDING,
                   host_memory_padding=HOST_MEMORY_PADDING)
     if shorter is None:
@@ -73,7 +75,7 @@ def file_reader_pipeline(feed, reader: dict, *, train: bool, gpu: bool, decoder:
 def decode_check_pipeline(feed, *, decoder: str):
     """Read and decode one file per run: finds the file a failed batch choked on."""
     return fn.decoders.image(fn.io.file.read(fn.external_source(source=feed, batch=True)),
-                             device=decoder, output_type=types.RGB)
+                             device=decoder, output_type=types.RGB, adjust_orientation=False)
 
 
 @pipeline_def(num_threads=1, prefetch_queue_depth=1, device_id=None)
@@ -109,9 +111,25 @@ def first_undecodable(paths: Sequence[str], device_id: int | None) -> str | None
     return None
 
 
+#: nvImageCodec's status codes (``nvimgcodecStatus_t`` in ``nvimgcodec.h``) in words.
+NVIMGCODEC_STATUS = {
+    1: "decoder not initialised", 2: "invalid parameter", 3: "bad or incomplete image data",
+    4: "not an image format the decoder supports", 5: "memory allocation failed",
+    6: "decoding failed", 7: "GPU architecture not supported", 8: "decoder internal error",
+    9: "not supported by the decoder", 10: "missing decoder dependency",
+    13: "bad or incomplete image data", 14: "not an image format the decoder supports",
+    19: "incomplete image data",
+}
+
+
 def dali_reason(error: Exception) -> str:
-    """The operator's own message out of DALI's multi-line pipeline error."""
+    """The operator's own message out of DALI's multi-line pipeline error, with
+    nvImageCodec's status codes (``nvImageCodec failure: '#3'``) in words; empty when DALI
+    gives no reason (``Failed to decode sample #1 :``)."""
     text = str(error).split("encountered:")[-1]
     lines = [ln.strip() for ln in text.splitlines()
              if ln.strip() and not ln.startswith(("Current pipeline", "C++ context"))]
-    return " ".join(lines) or type(error).__name__
+    reason = re.sub(r"Failed to decode sample #\d+ :\s*", "", " ".join(lines)).strip()
+    return re.sub(r"nvImageCodec failure: '#(\d+)'", lambda m: (
+        f"{NVIMGCODEC_STATUS.get(int(m.group(1)), 'decoder failure')} (nvImageCodec status "
+        f"{m.group(1)})"), reason)

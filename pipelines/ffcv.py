@@ -3,12 +3,19 @@
 Writing (:func:`write_beton`, :func:`ensure_beton`) follows FFCV's ``write_imagenet.py``: an
 ``RGBImageField`` (``write_mode``, ``max_resolution``, ``compress_probability``,
 ``jpeg_quality``) and an ``IntField`` label, from the one shared ImageFolder listing, so labels
-agree with the other backends. Images are decoded with PIL ``.convert("RGB")``. The file appears
-at its path only once complete (temp file + rename).
+agree with the other backends. Images are decoded as the folder loader decodes them
+(:func:`pipelines.images.load_rgb`: EXIF orientation ignored, 16 bits scaled to 8) and
+downscaled here, as FFCV would, to a longer side of ``max_resolution``, but never to a side of
+0 px (FFCV's own resize fails on a 6000 x 20 image at 256, and its writer then hangs). The file
+appears at its path only once complete (temp file + rename); partial files that a killed write
+left are removed by the next write.
 
 Loading (:class:`FfcvLoader`) is FFCV's ImageNet pipeline. Train: random-resized-crop and flip,
 then ``NormalizeImage`` and ``ToTorchImage``; validation: ``CenterCropRGBImageDecoder`` with
-``VAL_CROP_RATIO``. With CUDA the uint8 batch goes to the GPU (``ToDevice``) and is normalised
+``VAL_CROP_RATIO`` (its crop at least 1 px: FFCV's crop of a 1 px short side is empty, and
+OpenCV aborts the process on it). ``set_epoch(e, start_batch=k)`` hands FFCV only the batches
+from ``k`` on, so the skipped ones are never read; crops are keyed by batch content, so the
+resumed batches are bitwise those of an uninterrupted epoch. With CUDA the uint8 batch goes to the GPU (``ToDevice``) and is normalised
 there, by ``NormalizeImage`` (whose GPU kernel needs cupy) or, without cupy, by torch. On a
 CPU-only machine ``NormalizeImage`` runs in FFCV's JIT stage and no CUDA call is made (FFCV's own
 ``pin_memory`` attempts fail quietly). bfloat16 is one cast of the float32 output (``Convert``).
@@ -36,12 +43,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import glob
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import cv2
 import numba
 import numpy as np
 import torch
@@ -51,18 +61,17 @@ from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder,
                                    RandomResizedCropRGBImageDecoder, get_random_crop)
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader as _FfcvLoader
-from ffcv.loader import OrderOption
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.writer import DatasetWriter
-from PIL import Image
 
 from .base import (IMAGENET_MEAN_255, IMAGENET_STD_255, RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO,
-                   Loader, OutputSpec, Shard, resolve_workers)
+                   BadImageError, Loader, OutputSpec, Shard, resolve_workers)
 from .imagefolder import ImageFolderIndex, scan_image_folder
+from .images import load_rgb
 from .resolution import ResolutionSchedule
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
@@ -71,28 +80,39 @@ _FAILED = (np.zeros((1, 1, 3), np.uint8), -1)  # written in place of an undecoda
 
 # --- writing ----------------------------------------------------------------------------------
 
-class UndecodableImageError(ValueError):
-    """Images of an ImageFolder split could not be decoded; no ``.beton`` was written."""
+class UndecodableImageError(BadImageError):
+    """Images of an ImageFolder split could not be decoded; no ``.beton`` was written. The
+    message names every such file (up to 20) with its reason."""
 
 
 def load_rgb_array(path: str) -> np.ndarray:
-    """Decode ``path`` to an ``H x W x 3`` uint8 array (CMYK, grayscale, PNG... become RGB)."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception as e:
-        raise UndecodableImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+    """Decode ``path`` to an ``H x W x 3`` uint8 array as every backend does
+    (:func:`pipelines.images.load_rgb`); a :class:`BadImageError` naming the file otherwise."""
+    return np.asarray(load_rgb(path))
+
+
+def fit_resolution(image: np.ndarray, max_resolution: int) -> np.ndarray:
+    """FFCV's writer resize (longer side to ``max_resolution``, ``INTER_AREA``, sides
+    truncated), except that no side falls below 1 px."""
+    height, width = image.shape[:2]
+    ratio = max_resolution / max(height, width)
+    if ratio >= 1:
+        return image
+    size = (max(1, int(ratio * width)), max(1, int(ratio * height)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 class _DecodedImages:
     """The split as FFCV's writer reads it: ``(rgb, label)``, or ``_FAILED`` if undecodable.
 
-    FFCV's writer hangs if a worker raises, so failures are written as label -1 and reported
-    (re-decoded for their message) by the parent once the writer is done.
+    FFCV's writer hangs if a worker raises, so nothing raises here: failures are written as
+    label -1 and reported (re-decoded for their message) by the parent once the writer is
+    done, and images come already at most ``max_resolution`` a side (so FFCV's own resize,
+    which can fail, does nothing).
     """
 
-    def __init__(self, index: ImageFolderIndex) -> None:
-        self.samples = index.samples
+    def __init__(self, index: ImageFolderIndex, max_resolution: int) -> None:
+        self.samples, self.max_resolution = index.samples, max_resolution
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,8 +120,8 @@ class _DecodedImages:
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[i]
         try:
-            return load_rgb_array(path), label
-        except UndecodableImageError:
+            return fit_resolution(load_rgb_array(path), self.max_resolution), label
+        except Exception:
             return _FAILED
 
 
@@ -137,6 +157,7 @@ def write_beton(
                                compress_probability=compress_probability),
         "label": IntField(),
     }
+    _remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         writer = DatasetWriter(str(tmp), fields, num_workers=resolve_workers(num_workers))
@@ -144,13 +165,32 @@ def write_beton(
             print(f"writing {len(index)} images of {index.root} to {path}", file=sys.stderr)
         # FFCV's writer always draws a tqdm bar on stderr: progress=False sends it nowhere.
         with (contextlib.nullcontext() if progress else _stderr_to_devnull()):
-            writer.from_indexed_dataset(_DecodedImages(index), chunksize=chunk_size)
+            writer.from_indexed_dataset(_DecodedImages(index, max_resolution),
+                                        chunksize=chunk_size)
         _raise_for_failures(Reader(str(tmp)), index)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove the partial files of writes of ``path`` whose process is gone (killed)."""
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)\.partial", partial.name)
+        if match and not _alive(int(match.group(1))):
+            partial.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
 
 
 def ensure_beton(folder: str | os.PathLike, path: str | os.PathLike, **kwargs: Any) -> Path:
@@ -195,8 +235,8 @@ def _raise_for_failures(reader: Reader, index: ImageFolderIndex) -> None:
         path = index.samples[i][0]
         try:
             load_rgb_array(path)
-            reasons.append(f"cannot decode image {path} in a writer process")
-        except UndecodableImageError as e:
+            reasons.append(f"cannot decode {path} in a writer process")
+        except BadImageError as e:
             reasons.append(str(e))
     more = f"\n... and {failed.size - 20} more" if failed.size > 20 else ""
     raise UndecodableImageError(
@@ -319,23 +359,45 @@ class SeededRandomResizedCropFlip(RandomResizedCropRGBImageDecoder):
         return decode
 
 
-class ShardedRandom(TraversalOrder):
-    """The training order of :meth:`pipelines.base.Shard.split` as an FFCV traversal order:
-    ``shard``'s slice of each epoch's permutation of ``(seed, epoch)``, with no process group.
-    FFCV binds an order given as an instance by calling it with its loader.
+def _center_crop(height, width, _, ratio):
+    """FFCV's ``get_center_crop``, but at least 1 px: FFCV's crop of a 1 px short side is
+    empty, and OpenCV's resize then aborts the whole process."""
+    side = max(1, int(ratio * min(height, width)))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class CenterCropDecoder(CenterCropRGBImageDecoder):
+    """FFCV's ``CenterCropRGBImageDecoder`` with a crop of at least 1 px a side."""
+
+    @property
+    def get_crop_generator(self) -> Callable:
+        return _center_crop
+
+
+class ShardedOrder(TraversalOrder):
+    """The order of :meth:`pipelines.base.Shard.split` as an FFCV traversal order, with no
+    process group: in training ``shard``'s slice of each epoch's permutation of ``(seed,
+    epoch)``, in validation its contiguous block in dataset order. ``skip``: the batches left
+    out at the start of the next epoch FFCV draws (a resumed epoch; reset once drawn), so they
+    are never read. FFCV binds an order given as an instance by calling it with its loader.
     """
 
-    def __init__(self, shard: Shard) -> None:  # TraversalOrder.__init__ runs in __call__
-        self.shard = shard
+    def __init__(self, shard: Shard, train: bool = True) -> None:
+        self.shard, self.train, self.skip = shard, train, 0  # TraversalOrder's init: __call__
 
-    def __call__(self, loader: _FfcvLoader) -> "ShardedRandom":
+    def __call__(self, loader: _FfcvLoader) -> "ShardedOrder":
         super().__init__(loader)
-        self.split = self.shard.split(len(self.indices), loader.batch_size, train=True,
+        self.split = self.shard.split(len(self.indices), loader.batch_size, train=self.train,
                                       drop_last=loader.drop_last)
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.indices[self.split.indices(self.seed, epoch)]
+        order, bs = self.indices[self.split.indices(self.seed, epoch)], self.split.batch_size
+        skip, self.skip = self.skip, 0  # FFCV cuts the order at len() of the whole epoch:
+        return order[skip * bs:self.split.num_batches * bs] if skip else order  # no partial
+
+
+ShardedRandom = ShardedOrder  # the training order's former name
 
 
 # --- the loader -------------------------------------------------------------------------------
@@ -386,8 +448,9 @@ class FfcvLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         len(self)  # this epoch's batch size may leave no batch
-        loader = self._current_loader()
+        start, loader = self._take_start(), self._current_loader()
         self._decoder.output_size = (self.resolution, self.resolution)
+        loader.traversal_order.skip = start
         loader.next_epoch = self.epoch
         finish = (self.output.finish if self._ffcv_normalizes
                   else lambda x: self.output.normalize_uint8(x, "NCHW"))
@@ -404,17 +467,11 @@ class FfcvLoader(Loader):
         # fails (a printed KeyError) if the collector runs during a compilation in FFCV's thread.
         gc.collect()
         res = (self.resolution, self.resolution)
-        if self.train:
-            self._decoder = SeededRandomResizedCropFlip(res, self.seed)
-            order, indices = ShardedRandom(self.shard), None
-        else:
-            self._decoder = CenterCropRGBImageDecoder(res, ratio=VAL_CROP_RATIO)
-            order = OrderOption.SEQUENTIAL
-            split = self.split_at(self.epoch)
-            indices = np.arange(split.start, split.stop, dtype=np.uint64)
+        self._decoder = (SeededRandomResizedCropFlip(res, self.seed) if self.train
+                         else CenterCropDecoder(res, ratio=VAL_CROP_RATIO))
         return _FfcvLoader(
             str(self.path), batch_size=batch_size, num_workers=self.num_workers,
-            os_cache=self.os_cache, order=order, seed=self.seed, indices=indices,
+            os_cache=self.os_cache, order=ShardedOrder(self.shard, self.train), seed=self.seed,
             drop_last=self.drop_last, batches_ahead=self.batches_ahead,
             pipelines={"image": self._image_pipeline(), "label": self._label_pipeline()})
 
@@ -443,5 +500,6 @@ def _batches(epoch: Iterator, finish: Callable[[torch.Tensor], torch.Tensor]
         epoch.close()  # stops FFCV's thread if the epoch is abandoned
 
 
-__all__ = ["FfcvLoader", "SeededRandomResizedCropFlip", "ShardedRandom", "UndecodableImageError",
+__all__ = ["CenterCropDecoder", "FfcvLoader", "SeededRandomResizedCropFlip", "ShardedOrder",
+           "ShardedRandom", "UndecodableImageError", "fit_resolution",
            "WRITE_MODES", "ensure_beton", "load_rgb_array", "read_beton", "write_beton"]

@@ -31,23 +31,17 @@ from .base import (RRC_RATIO, RRC_SCALE, Loader, OutputSpec, Shard, chain_epochs
                    resolve_workers, val_resize)
 from .gpu_decode import GpuDecoder, RawSamples, collate_raw, resolve_decode
 from .imagefolder import scan_image_folder
+from .images import load_rgb
 from .resolution import ResolutionSchedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def load_pil_rgb(path: str) -> Image.Image:
-    """Decode ``path`` to an RGB image; any failure is a RuntimeError naming the file.
-
-    Images of more than 8 bits per channel are refused: PIL's RGB conversion would clip them.
-    """
-    try:
-        with Image.open(path) as img:
-            if img.mode == "F" or img.mode.startswith("I"):
-                raise ValueError(f"mode {img.mode} has more than 8 bits per channel; convert it to 8-bit")
-            return img.convert("RGB")
-    except Exception as e:
-        raise RuntimeError(f"cannot decode {path}: {e}") from e
+    """Decode ``path`` to an 8-bit RGB image (:func:`pipelines.images.load_rgb`: EXIF
+    orientation ignored, 16 bits scaled to 8); any failure is a :class:`BadImageError` naming
+    the file and the reason."""
+    return load_rgb(path)
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
@@ -153,12 +147,13 @@ class FolderLoader(Loader):
         return [[(int(i), res, epoch) for i in batch]
                 for batch in self.split_at(epoch).batches(self.seed, epoch)]
 
-    def _open(self, epoch: int) -> _Stream:
-        """A DataLoader over the batches of ``epoch``, ``epoch + 1``, ... and its workers."""
+    def _open(self, epoch: int, skip: int = 0) -> _Stream:
+        """A DataLoader over the batches of ``epoch`` (from its batch ``skip`` on: the skipped
+        ones are never read), ``epoch + 1``, ... and its workers."""
         samples, collate = Samples(self.index.samples, self.train, self.seed), None
         if self._gpu is not None:  # the workers read bytes and draw crops; _deliver decodes
             samples, collate = RawSamples(samples), collate_raw
-        batches = DataLoader(samples, batch_sampler=chain_epochs(self._epoch_batches, epoch),
+        batches = DataLoader(samples, batch_sampler=chain_epochs(self._epoch_batches, epoch, skip),
                              num_workers=self.num_workers, collate_fn=collate,
                              pin_memory=self.output.device.type == "cuda" and collate is None)
         return _Stream(iter(batches))
@@ -166,11 +161,12 @@ class FolderLoader(Loader):
     def __iter__(self) -> Iterator[Batch]:
         """Batches of the current epoch; its resolution and batch size are fixed here."""
         len(self)  # this epoch's batch size may leave no batch
-        stream = self._stream
-        if stream is None or stream.owed or stream.next_epoch != self._epoch_key(self.epoch):
+        start, stream = self._take_start(), self._stream
+        if (stream is None or stream.owed or start
+                or stream.next_epoch != self._epoch_key(self.epoch)):
             self._stream = None  # let the old workers go before new ones start
-            self._stream = stream = self._open(self.epoch)
-        stream.owed = len(self)
+            self._stream = stream = self._open(self.epoch, start)
+        stream.owed = len(self) - start
         stream.next_epoch = self._epoch_key(self.epoch + 1)
         return self._take(stream)
 

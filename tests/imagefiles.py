@@ -165,3 +165,41 @@ def add_empty_class(root: str | os.PathLike, name: str = "c99_empty") -> Path:
 def make_unreadable(path: Path) -> None:
     """chmod 000. Root still reads such a file: tests must drop privileges to see the error."""
     path.chmod(0)
+
+
+# --- odd but valid files ---------------------------------------------------------------------
+# Each returns what a correct decoder gives: the RGB colour of the whole image, or for the
+# EXIF-rotated one the colours of its stored left and right halves.
+
+def write_solid_jpeg(path: Path, size: tuple[int, int], color=(40, 200, 40)) -> tuple[int, int, int]:
+    """A solid JPEG of any size (6000 x 20, 1 x 1: the extremes of a dataset)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(jpeg_bytes(Image.new("RGB", size, color), quality=95))
+    return color
+
+
+def write_16bit_png(path: Path, value: int = 30000) -> tuple[int, int, int]:
+    """A 16-bit grayscale PNG (under whatever name): ``value / 257`` in 8 bits, not white."""
+    Image.new("I;16", (40, 30), value).save(path, format="PNG")
+    level = round(value / 257)
+    return (level, level, level)
+
+
+def write_exif_rotated_jpeg(path: Path, orientation: int = 6) -> tuple[tuple, tuple]:
+    """64 x 48, red left half and blue right half as stored, with an EXIF orientation tag
+    (6: a viewer turns it 90 degrees clockwise, red on top). Returns (left, right) colours."""
+    left, right = (200, 30, 30), (30, 30, 200)
+    img = Image.new("RGB", (64, 48), left)
+    img.paste(right, (32, 0, 64, 48))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return left, right
+
+
+def write_random_after_header_jpeg(path: Path, seed: int = 0) -> None:
+    """A JPEG's first segments, then random bytes where the next marker should be."""
+    data = jpeg_bytes(Image.new("RGB", (64, 48), (200, 40, 40)))
+    cut = data.find(b"\xff\xc4")  # before the Huffman tables
+    rng = np.random.default_rng(seed)
+    path.write_bytes(data[:cut] + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())

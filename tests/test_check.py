@@ -70,7 +70,8 @@ def test_every_bad_file_is_found_by_path_with_the_right_kind(bad_tree, bad_repor
 
 def test_severity_says_whether_loaders_handle_the_kind(bad_report):
     """Decodable kinds (and skipped files) are warnings; failing or mis-read kinds are errors."""
-    handled = {EXPECTED_KIND[k] for k in DECODABLE} | {"skipped", "jpeg_warning"}
+    handled = {EXPECTED_KIND[k] for k in DECODABLE} | {"skipped", "jpeg_warning",
+                                                        "high_bit_depth"}
     for problem in bad_report:
         assert problem.error == (problem.kind not in handled), problem
         assert problem.to_dict()["loaders"].startswith(("fail", "mis-read") if problem.error

@@ -19,9 +19,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines import OutputSpec, Phase, Phases, Shard, make_loader
+from pipelines import BadImageError, OutputSpec, Phase, Phases, Shard, make_loader
 from pipelines.base import IMAGENET_MEAN_255, IMAGENET_STD_255
 from pipelines.dali import READERS, DaliAdaptor, DaliLoader
+from pipelines.images import REASONS
 from tests.imagefiles import (BAD_FILE_WRITERS, DECODABLE, add_bad_file, add_empty_class,
                               code_color, decode_batch, expected_rgb, make_unreadable,
                               write_coded_tree)
@@ -337,7 +338,7 @@ def test_dali_file_list_source_gives_the_same_samples_as_the_folder(tree, tmp_pa
 def test_file_list_entry_missing_on_disk_is_an_error_naming_it(tree, tmp_path, reader):
     listing = tmp_path / "list.txt"
     listing.write_text(f"{tree}/c00/img000.JPEG 0\ngone.JPEG 1\n")
-    with pytest.raises(RuntimeError, match=re.escape(f"cannot load image file {tmp_path}/gone")):
+    with pytest.raises(BadImageError, match=re.escape(f"cannot decode {tmp_path}/gone")):
         list(loader(listing, batch_size=2, reader=reader))
 
 
@@ -415,26 +416,28 @@ def test_odd_but_valid_files_decode_to_the_right_colour(small_tree, tmp_path, ki
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("kind", sorted(set(BAD_FILE_WRITERS) - DECODABLE))
 def test_undecodable_file_raises_an_error_naming_it(small_tree, tmp_path, kind, train, reader):
-    """Truncated, corrupt, empty and non-image files stop the epoch with an error that names
-    the file, in folder order (4th batch) or shuffled; iterating again fails the same way
-    (never skips). File mode finds undecodable files by replaying the reader's stream."""
+    """Truncated, corrupt, empty and non-image files stop the epoch with a BadImageError that
+    names the file and the reason in words, in folder order (4th batch) or shuffled; iterating
+    again fails the same way (never skips). File mode finds undecodable files by replaying the
+    reader's stream."""
     root, path, _ = with_bad_file(small_tree, tmp_path, kind)
     bad = loader(root, train=train, batch_size=2, drop_last=False, reader=reader)
     for _ in range(2):
-        with pytest.raises(RuntimeError, match=re.escape(f"DALI cannot load image file {path}")):
+        with pytest.raises(BadImageError, match=re.escape(f"cannot decode {path}: {REASONS[kind]}")):
             list(bad)
 
 
 UNREADABLE_CHILD = """
 import sys
 from pipelines import OutputSpec
+from pipelines import BadImageError
 from pipelines.dali import READERS, DaliLoader
 failed = 0
 for reader in READERS:
     try:
         list(DaliLoader(sys.argv[1], train=False, batch_size=2, resolution=32,
                         output=OutputSpec(device="cpu"), num_workers=1, reader=reader))
-    except RuntimeError as e:
+    except BadImageError as e:
         print(reader, e)
         failed += 1
 sys.exit(3 if failed == len(READERS) else 1)
@@ -457,7 +460,7 @@ def test_unreadable_file_raises_an_error_naming_it(small_tree, tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert child.returncode == 3, child.stdout[-2000:] + child.stderr[-2000:]
     for reader in READERS:
-        assert f"{reader} DALI cannot load image file {path}" in child.stdout
+        assert f"{reader} cannot decode {path}: unreadable (Permission denied)" in child.stdout
 
 
 # --- adaptor ----------------------------------------------------------------------------------
@@ -559,3 +562,49 @@ def test_gpu_batches_arrive_on_the_device_aligned(tree, label_of, reader):
     assert all(x.is_cuda and y.is_cuda and x.dtype == torch.bfloat16 for x, y in batches)
     given, labels, indices = decoded([(x.cpu(), y.cpu()) for x, y in batches])
     assert (given == labels).all() and (label_of[indices] == labels).all()
+
+
+# --- step-level resume ------------------------------------------------------------------------
+
+def test_feed_mode_resumes_mid_epoch_without_reading_the_skipped_files(tree, tmp_path, label_of):
+    """set_epoch(e, start_batch=k), feed mode: validation batches k.. are bitwise those of the
+    uninterrupted pass; training batches hold the same images in the same order with their
+    labels, but other crops (resumes_exactly is False: DALI's generator has drawn for fewer
+    batches). The skipped batches' files (made undecodable here) are never read; len() stays
+    the whole epoch's."""
+    for name in ("val", "train"):
+        shutil.copytree(tree, tmp_path / name)
+    val = loader(tmp_path / "val", batch_size=5)
+    train = loader(tmp_path / "train", train=True, batch_size=5, seed=4)
+    assert val.resumes_exactly and not train.resumes_exactly
+    whole_val = [(x.clone(), y.clone()) for x, y in run_epoch(val)]
+    train.set_epoch(3)
+    whole_train = decoded([(x.clone(), y) for x, y in train])
+    k = 4
+    for paths, skipped in ((val.paths, range(k * 5)),
+                           (train.paths, np.concatenate(train.split_at(3).batches(4, 3)[:k]))):
+        for i in skipped:
+            Path(paths[i]).write_bytes(b"not an image any more")
+    val = loader(tmp_path / "val", batch_size=5)  # a resumed run's new loader: nothing in flight
+    val.set_epoch(0, start_batch=k)
+    resumed = list(val)
+    assert len(val) == len(whole_val) and len(resumed) == len(whole_val) - k
+    for (x, y), (wx, wy) in zip(resumed, whole_val[k:], strict=True):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+    train = loader(tmp_path / "train", train=True, batch_size=5, seed=4)
+    train.set_epoch(3, start_batch=k)
+    given, labels, indices = decoded(list(train))
+    assert (given == labels).all() and (label_of[indices] == labels).all()
+    assert (indices == whole_train[2][k * 5:]).all()
+
+
+def test_file_mode_and_the_adaptor_refuse_to_start_mid_epoch(tree):
+    """File mode resumes at an epoch's start only: start_batch > 0 names the feed reader."""
+    train = loader(tree, train=True, reader="file")
+    assert not train.resumes_exactly
+    with pytest.raises(ValueError, match="reader='feed' .*data.dali_reader feed"):
+        train.set_epoch(1, start_batch=2)
+    train.set_epoch(1, start_batch=0)
+    adaptor = DaliAdaptor(user_pipeline(tree), output=CPU)
+    with pytest.raises(ValueError, match="cannot start epoch 0 at batch 1"):
+        adaptor.set_epoch(0, start_batch=1)

@@ -205,10 +205,10 @@ def test_unreadable_file_fails_the_write_naming_it():
         result = run_unprivileged(code, modules=(
             "pipelines.ffcv", "multiprocessing.queues", "multiprocessing.synchronize",
             "multiprocessing.sharedctypes", "multiprocessing.popen_fork", "PIL.JpegImagePlugin",
-            "multiprocessing.resource_tracker"),
+            "multiprocessing.resource_tracker", "pipelines.check"),
             as_root="sys.modules['multiprocessing.resource_tracker'].ensure_running()")
         assert result.returncode == 0, result.stderr
-        assert f"cannot decode image {bad}: PermissionError" in result.stdout
+        assert f"cannot decode {bad}: unreadable (Permission denied)" in result.stdout
         assert list(out.iterdir()) == []
 
 
@@ -468,3 +468,30 @@ def test_a_batch_larger_than_the_rank_shard_is_an_error_in_train_mode(beton):
     """48 images over 8 ranks: 6 per rank, so no full batch of 7 exists."""
     with pytest.raises(ValueError, match="no batch of 7 on rank 0 of 8"):
         len(loader(beton, train=True, batch_size=7, shard=Shard(0, 8)))
+
+
+# --- step-level resume ------------------------------------------------------------------------
+
+def test_set_epoch_start_batch_resumes_bitwise_and_hands_ffcv_only_the_rest(textured, beton,
+                                                                            label_of):
+    """Training (seeded crops keyed by batch content) and validation: set_epoch(e,
+    start_batch=k) yields bitwise batches k.. of the uninterrupted epoch; FFCV is given only
+    the remaining samples (the skipped ones are never read); len() stays whole; the next
+    iteration is the whole epoch again."""
+    train = loader(textured, train=True, batch_size=2, seed=5)
+    assert train.resumes_exactly
+    whole = run_epoch(train, 2)
+    k = 3
+    train.set_epoch(2, start_batch=k)
+    order = train._loader.traversal_order
+    resumed = [(x.clone(), y.clone()) for x, y in train]
+    assert len(train) == len(whole) == 7 and len(resumed) == 7 - k
+    for (x, y), (wx, wy) in zip(resumed, whole[k:], strict=True):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+    order.skip = k
+    assert len(order.sample_order(2)) == (7 - k) * 2 and order.skip == 0
+    assert len([y for _, y in train]) == 7  # start_batch held for one iteration
+    val = loader(beton, batch_size=10)
+    val.set_epoch(0, start_batch=2)
+    rest = [(x.clone(), y.clone()) for x, y in val]
+    np.testing.assert_array_equal(check_aligned(rest, label_of), np.arange(20, N))

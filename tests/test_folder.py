@@ -1,7 +1,9 @@
 """The torchvision reference loader (FolderLoader) against the loader contract, on real JPEGs."""
 import json
 import math
+import shutil
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -10,9 +12,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from pipelines import OutputSpec, Shard, make_loader
+from pipelines import BadImageError, OutputSpec, Shard, make_loader
 from pipelines.base import RRC_RATIO, RRC_SCALE
 from pipelines.folder import FolderLoader, random_resized_crop_box
+from pipelines.images import REASONS
 from pipelines.resolution import Phase, Phases
 from tests.imagefiles import (BAD_FILE_WRITERS, DECODABLE, MEAN_255, STD_255, add_bad_file,
                               add_empty_class, code_color, decode_batch, expected_rgb, jpeg_bytes,
@@ -280,25 +283,28 @@ def test_bad_files_decode_to_the_right_colour_or_fail_naming_the_file(tmp_path, 
         images, _ = next(iter(loader))
         np.testing.assert_allclose(expected_rgb(images)[position], colour, atol=4)
     else:
-        with pytest.raises(RuntimeError, match=f"cannot decode {path}"):
+        with pytest.raises(BadImageError, match=f"cannot decode {path}: {REASONS[kind]}"):
             next(iter(loader))
 
 
-def test_images_deeper_than_8_bits_are_refused_not_clipped(tmp_path):
-    """A 16-bit grayscale PNG (which PIL's RGB conversion would clip to white) raises naming it."""
+def test_32_bit_images_are_refused_naming_the_file(tmp_path):
+    """A 32-bit integer TIFF (mode I: no agreed 8-bit scale) raises naming it; 16-bit images
+    are scaled to 8 bits (tests/test_odd_images.py)."""
     write_coded_tree(tmp_path, classes=2, per_class=2)
-    path = tmp_path / "c01" / "deep.png"
-    Image.new("I;16", (40, 30), 1000).save(path)
-    with pytest.raises(RuntimeError, match=f"cannot decode {path}: mode I;16 has more than 8 bits"):
+    path = tmp_path / "c01" / "deep.tif"
+    Image.new("I", (40, 30), 70000).save(path)
+    with pytest.raises(BadImageError, match=f"cannot decode {path}: unsupported pixel depth"):
         list(folder(tmp_path, train=False, batch_size=8))
 
 
 def test_decode_errors_in_a_worker_name_the_file(tmp_path):
-    """An error in a DataLoader worker process reaches the caller with the file's path."""
+    """An error in a DataLoader worker process reaches the caller as a BadImageError whose
+    message is the worker's one line (path and reason), not the worker's traceback."""
     write_coded_tree(tmp_path, classes=2, per_class=3)
     path, _ = add_bad_file(tmp_path, "truncated", class_dir="c01")
-    with pytest.raises(RuntimeError, match=f"cannot decode {path}"):
+    with pytest.raises(BadImageError, match=f"^cannot decode {path}: truncated") as err:
         list(folder(tmp_path, train=True, batch_size=2, num_workers=1))
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
 
 
 def test_unreadable_file_fails_naming_the_file():
@@ -307,11 +313,13 @@ def test_unreadable_file_fails_naming_the_file():
         write_coded_tree(root, classes=2, per_class=2)
         path, _ = add_bad_file(root, "grayscale", name="locked.JPEG")
         make_unreadable(path)
-        code = ("from pipelines.base import OutputSpec\nfrom pipelines.folder import FolderLoader\n"
+        code = ("from pipelines.base import BadImageError, OutputSpec\n"
+                "from pipelines.folder import FolderLoader\n"
                 f"loader = FolderLoader({str(root)!r}, train=False, batch_size=8, resolution=32,"
                 " num_workers=0, output=OutputSpec(device='cpu'))\n"
-                "try:\n    list(loader)\nexcept RuntimeError as e:\n    print(json.dumps(str(e)))\n")
-        result = run_unprivileged("import json\n" + code, modules=("json", "pipelines.folder"))
+                "try:\n    list(loader)\nexcept BadImageError as e:\n    print(json.dumps(str(e)))\n")
+        result = run_unprivileged("import json\n" + code,
+                                  modules=("json", "pipelines.folder", "pipelines.check"))
     assert result.returncode == 0, result.stderr
     message = json.loads(result.stdout)
     assert f"cannot decode {path}" in message and "Permission denied" in message
@@ -337,3 +345,41 @@ def test_bad_configuration_is_refused_with_a_clear_error(coded, tmp_path):
                                          "the 48 samples"):
         folder(root, train=True, batch_size=40, shard=Shard(1, 2))
     assert isinstance(folder(root, train=False, batch_size=40, shard=Shard(1, 2)), FolderLoader)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_set_epoch_start_batch_resumes_bitwise_without_reading_the_skipped_files(
+        textured, tmp_path, num_workers):
+    """set_epoch(e, start_batch=k) yields bitwise batches k.. of the uninterrupted epoch (crops
+    keyed by (seed, epoch, index)) and never reads the files of the k skipped batches (made
+    undecodable here); len() stays the whole epoch's; the iteration after it is the whole
+    epoch again (which now meets the bad files)."""
+    shutil.copytree(textured, tmp_path / "tree")
+    loader = folder(tmp_path / "tree", train=True, batch_size=2, seed=3, num_workers=num_workers)
+    assert loader.resumes_exactly
+    loader.set_epoch(2)
+    whole = [(x, y) for x, y in loader]
+    k = 2
+    for i in np.concatenate(loader.split_at(2).batches(3, 2)[:k]):
+        Path(loader.index.paths[i]).write_bytes(b"not an image any more")
+    loader.set_epoch(2, start_batch=k)
+    assert len(loader) == len(whole) == 4
+    resumed = list(loader)
+    assert len(resumed) == len(whole) - k
+    for (x, y), (wx, wy) in zip(resumed, whole[k:], strict=True):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+    with pytest.raises(BadImageError, match="cannot decode"):
+        list(loader)
+
+
+def test_start_batch_is_checked_and_may_end_the_epoch(coded):
+    """start_batch = len() gives an empty iteration; past it, or negative, is a ValueError."""
+    root, _ = coded
+    val = folder(root, train=False, batch_size=10)
+    val.set_epoch(0, start_batch=len(val))
+    assert list(val) == []
+    for bad in (len(val) + 1, -1, 1.0):
+        with pytest.raises(ValueError, match="start_batch"):
+            val.set_epoch(0, start_batch=bad)
+    val.set_epoch(0, start_batch=3)
+    assert epoch_indices(val).tolist() == list(range(30, N))
