@@ -833,7 +833,7 @@ def _main_rank() -> bool:
 
 
 KNOWN_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, pipelines.MissingBackendError,
-                NonFiniteLoss)
+                pipelines.BadImageError, NonFiniteLoss)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
