@@ -44,7 +44,7 @@ from pipelines.resolution import Phases, schedule_from_dict
 from training import config as conf
 from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, check_resumable,
                                  record_overrides, rng_state, set_rng_state)
-from training.config import ConfigError, neutral
+from training.config import ConfigError, neutral, setting
 from training.data import build_data, count_train_images
 from training.distributed import (StopRequest, all_gather, all_reduce_sum, any_rank, barrier,
                                   init_distributed, report_failure, shutdown, stop_requests)
@@ -74,14 +74,14 @@ class ModelConfig:
     """FFCV's BlurPool before every strided convolution."""
     zero_init_residual: bool = False
     """Start the last BatchNorm of every residual block at zero (Goyal et al.; PuzzleMix)."""
-    classifier_init_std: float | None = None
+    classifier_init_std: float | None = setting(None, "> 0")
     """Initialise the classifier's weights from N(0, std^2) (PuzzleMix: 0.01); None: the
     architecture's own."""
     channels_last: bool = True
     compile: bool = False
     """``torch.compile`` the model (inductor): one graph per input size and pass kind, so a
     progressive-resizing schedule compiles once per resolution."""
-    ema_decay: float = 0.0
+    ema_decay: float = setting(0.0, "[0, 1)", note="0: no EMA")
     """Keep an exponential moving average of the weights with this decay (e.g. 0.9998) and
     evaluate it beside the model; 0: off."""
 
@@ -92,12 +92,12 @@ class DataConfig:
     """ImageFolder root with train/ and val/, or a folder with train.beton and val.beton;
     None: the embedded demo dataset."""
     loader: Literal["folder", "dali", "ffcv"] = "folder"
-    batch_size: int = 512
+    batch_size: int = setting(512, ">= 1")
     """Global batch size (all ranks together); a phase schedule may set its own."""
     resolution: Any = 224
     """Train resolution: an int or a schedule mapping (kind: fixed | ramp | phases)."""
     val_resolution: int = neutral(224)
-    val_batch_size: int | None = neutral(None)
+    val_batch_size: int | None = neutral(None, ">= 1", note="or null: the training batch size")
     """None: the training batch size."""
     workers: int | None = neutral(None)
     demo_root: str = neutral("data/demo")
@@ -115,8 +115,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 16
-    lr: float = 0.5
+    epochs: int = setting(16, ">= 1")
+    lr: float = setting(0.5, "> 0")
     """Peak learning rate of the triangular schedule."""
     lr_schedule: Literal["triangular", "piecewise"] = "triangular"
     lr_peak_epoch: float = 2.0
@@ -124,21 +124,21 @@ class OptimConfig:
     """Triangular: the LR starts at lr * lr_start_factor and ends at 0 (FFCV's 'cyclic')."""
     lr_knots: list | None = None
     """Piecewise-linear: [[epoch, lr], ...], interpolated per iteration."""
-    momentum: float = 0.9
+    momentum: float = setting(0.9, "[0, 1)")
     nesterov: bool = False
-    weight_decay: float = 5e-5
+    weight_decay: float = setting(5e-5, ">= 0")
     no_decay: Literal["bn_bias", "bn"] = "bn_bias"
     """Parameters without weight decay: BatchNorm's and every bias (FFCV), or BatchNorm's only
     (Wong et al., PuzzleMix)."""
-    label_smoothing: float = 0.1
-    accum_steps: int = 1
+    label_smoothing: float = setting(0.1, "[0, 1)")
+    accum_steps: int = setting(1, ">= 1")
     """Split each batch into this many micro-batches per optimizer step (gradients all-reduced
     once per step): the global batch of a recipe on fewer GPUs."""
-    grad_clip: float = 0.0
+    grad_clip: float = setting(0.0, ">= 0", note="0 disables clipping")
     """Clip the global gradient norm to this value (0: off)."""
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that have it (A100, H100), else fp16 on CUDA; none on the CPU."""
-    max_skipped_steps: int = neutral(25)
+    max_skipped_steps: int = neutral(25, ">= 1")
     """fp16: stop when the GradScaler skips more steps than this in a row (one skip is an
     overflow it handles; a long run of them is divergence)."""
 
@@ -146,16 +146,16 @@ class OptimConfig:
 @dataclass
 class MixConfig:
     kind: Literal["none", "mixup", "cutmix", "grafting", "sage"] = "none"
-    warmup_epochs: int = 0
+    warmup_epochs: int = setting(0, ">= 0")
     """Epochs trained without mixing first (the Saliency Grafting paper warms up 5)."""
-    eta: float = 0.5
+    eta: float = setting(0.5, "[0, 1]")
     """Weight of the mixed pass in the two-pass step (the clean pass gets 1 - eta); SAGE's
     paper puts its eta on the clean pass, so its 0.7 is 0.3 here."""
     clean_weight: float | None = None
     mixed_weight: float | None = None
     """Both given: the two passes' loss weights instead of eta's convex pair (PuzzleMix's and
     the Saliency Grafting ImageNet protocol's ``clean_lam: 1`` is 1 and 1)."""
-    prob: float = 1.0
+    prob: float = setting(1.0, "[0, 1]")
     """Probability that a batch is mixed (timm's ``--mixup-prob``); an unmixed batch takes
     one pass."""
     off_epoch: int | None = None
@@ -163,7 +163,7 @@ class MixConfig:
     feature_layer: str | None = None
     """Module whose output gives forward saliency (default: the last conv stage); only read
     by feature-saliency mixers (grafting)."""
-    feature_min_size: int | None = None
+    feature_min_size: int | None = setting(None, ">= 1")
     """Without feature_layer: the last stage whose map is at least this many cells a side at
     the run's resolution (the demo's 64 px asks 4: ResNet's layer3, MobileNet's features.8)."""
     gradient_reduction: Literal["mean_abs", "l2"] = "mean_abs"
@@ -172,7 +172,7 @@ class MixConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = neutral(1)
+    every: int = neutral(1, ">= 1")
     """Evaluate every N epochs (and always at the end)."""
     flip_tta: bool = neutral(False)
     """Average the logits of each image and its mirror image."""
@@ -189,16 +189,16 @@ class RunConfig:
     resume_override: str | None = neutral(None)
     """Comma-separated fields that may differ from the checkpoint's config on resume (e.g.
     ``optim.lr,optim.grad_clip``); the changes are logged and kept in config_history.yaml."""
-    keep_last: int = neutral(3)
-    checkpoint_every_steps: int = neutral(0)
+    keep_last: int = neutral(3, ">= 1")
+    checkpoint_every_steps: int = neutral(0, ">= 0")
     """Also write a checkpoint every this many steps inside an epoch (0: at epoch ends only);
     a resume continues at that step."""
-    stop_after: int = neutral(0)
+    stop_after: int = neutral(0, ">= 0")
     """Stop after this many epochs in this session (0: train to the end), e.g. to fit a
     scheduler's time limit; continue with --resume auto."""
     dry_run: bool = neutral(False)
     """List the images, print the whole schedule per epoch, write schedule.png, and exit."""
-    profile: int = neutral(0)
+    profile: int = neutral(0, ">= 0")
     """Profile this many training steps, report where the time goes, and exit."""
     profile_trace: str | None = neutral(None)
     """With ``profile``: also write a torch.profiler trace here (relative: in the run folder)."""
@@ -209,7 +209,7 @@ class RunConfig:
     """TensorBoard scalars in the run folder's ``tensorboard/`` (rank 0)."""
     wandb: str | None = neutral(None)
     """Also log to this Weights & Biases project (needs ``pip install wandb``)."""
-    collective_timeout: float = neutral(600.0)
+    collective_timeout: float = neutral(600.0, "> 0")
     """Seconds a rank waits in a collective before the process group gives up (NCCL's
     default); data preparation on rank 0 waits outside collectives, however long."""
 
@@ -272,41 +272,25 @@ def result_fields(cfg_dict: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def validate(cfg: Config) -> None:
-    """Check values that types cannot express; raise ConfigError naming the field."""
+    """Check what the fields' declared bounds cannot express; raise ConfigError naming the
+    field."""
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {what}")
 
+    conf.check_settings(cfg)
     check_arch(cfg.model.arch)
-    need(0 <= cfg.model.ema_decay < 1, "model.ema_decay", "must lie in [0, 1) (0: no EMA)")
-    need(0 <= cfg.mix.prob <= 1, "mix.prob", "must lie in [0, 1]")
     need(cfg.mix.off_epoch is None or cfg.mix.off_epoch >= cfg.mix.warmup_epochs, "mix.off_epoch",
          f"must be >= mix.warmup_epochs ({cfg.mix.warmup_epochs}) or null")
     need(not cfg.run.wandb or importlib.util.find_spec("wandb") is not None, "run.wandb",
          "Weights & Biases is not installed (pip install wandb)")
-    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-    need(cfg.data.val_batch_size is None or cfg.data.val_batch_size >= 1, "data.val_batch_size",
-         "must be >= 1 (or null: the training batch size)")
-    need(cfg.optim.epochs >= 1, "optim.epochs", "must be >= 1")
-    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(0 <= cfg.optim.lr_peak_epoch <= cfg.optim.epochs, "optim.lr_peak_epoch",
          f"must lie in [0, epochs={cfg.optim.epochs}]")
-    need(0 <= cfg.optim.momentum < 1, "optim.momentum", "must lie in [0, 1)")
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", "must lie in [0, 1)")
-    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    need(0 <= cfg.mix.eta <= 1, "mix.eta", "must lie in [0, 1]")
     weights = (cfg.mix.clean_weight, cfg.mix.mixed_weight)
     need(weights.count(None) in (0, 2), "mix.clean_weight",
          "set it together with mix.mixed_weight (or neither: eta's convex pair)")
     need(None in weights or (min(weights) >= 0 and max(weights) > 0), "mix.clean_weight",
          "the pass weights must be >= 0 and not both 0")
-    need(cfg.mix.feature_min_size is None or cfg.mix.feature_min_size >= 1, "mix.feature_min_size",
-         "must be >= 1 (or null)")
-    need(cfg.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
-    need(cfg.model.classifier_init_std is None or cfg.model.classifier_init_std > 0,
-         "model.classifier_init_std", "must be > 0 (or null)")
-    need(cfg.mix.warmup_epochs >= 0, "mix.warmup_epochs", "must be >= 0")
     need(cfg.data.decode == "auto" or cfg.data.loader == "folder", "data.decode",
          f"only the folder loader decodes on request ({cfg.data.loader} decodes on the GPU itself)")
     need(cfg.data.decode != "gpu" or torch.cuda.is_available(), "data.decode",
@@ -314,13 +298,6 @@ def validate(cfg: Config) -> None:
     need(cfg.data.workers is None or cfg.data.workers >= (cfg.data.loader != "folder"),
          "data.workers", "must be >= 1 for dali and ffcv (threads/processes), >= 0 for folder "
          "(0: load in the main process)")
-    need(cfg.eval.every >= 1, "eval.every", "must be >= 1")
-    need(cfg.run.keep_last >= 1, "run.keep_last", "must be >= 1")
-    need(cfg.run.stop_after >= 0, "run.stop_after", "must be >= 0")
-    need(cfg.run.checkpoint_every_steps >= 0, "run.checkpoint_every_steps", "must be >= 0")
-    need(cfg.run.profile >= 0, "run.profile", "must be >= 0")
-    need(cfg.run.collective_timeout > 0, "run.collective_timeout", "must be > 0 (seconds)")
-    need(cfg.optim.max_skipped_steps >= 1, "optim.max_skipped_steps", "must be >= 1")
     if cfg.optim.lr_schedule == "piecewise":
         knots = cfg.optim.lr_knots
         need(bool(knots) and all(isinstance(k, (list, tuple)) and len(k) == 2 for k in knots),

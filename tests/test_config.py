@@ -129,3 +129,30 @@ def test_gpu_decode_without_cuda_is_refused():
         pytest.skip("CUDA is present")
     with pytest.raises(ti.ConfigError, match=r"data\.decode: gpu needs CUDA"):
         ti.parse_config(["--data.decode", "gpu"])
+
+
+@pytest.mark.parametrize("bounds, inside, outside", [
+    (">= 1", [1, 2.5], [0, -1]), ("> 0", [1e-9], [0]), ("[0, 1)", [0, 0.5], [1, -0.1]),
+    ("(0, 1]", [1, 0.5], [0, 1.1])])
+def test_declared_bounds_are_checked_by_name(bounds, inside, outside):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Section:
+        x: float = conf.setting(0.5, bounds, note="a note")
+
+    @dataclasses.dataclass
+    class Cfg:
+        s: Section = dataclasses.field(default_factory=Section)
+
+    for value in inside:
+        conf.check_settings(Cfg(Section(value)))
+    for value in outside:
+        with pytest.raises(conf.ConfigError, match=r"^s\.x: must .*\(a note\)$"):
+            conf.check_settings(Cfg(Section(value)))
+    conf.check_settings(Cfg(Section(None)))  # None: unset, always allowed
+
+
+def test_a_malformed_bounds_declaration_fails_where_it_is_written():
+    with pytest.raises(ValueError, match="bounds '>> 1'"):
+        conf.setting(1, ">> 1")

@@ -31,9 +31,45 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
 
 
-def neutral(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field that never changes the training result."""
-    return field(default=default, metadata=NEUTRAL, **kwargs)
+def setting(default: Any = dataclasses.MISSING, bounds: str | None = None, *, note: str = "",
+            neutral: bool = False, **kwargs: Any) -> Any:
+    """A config field declared with its bounds, checked by :func:`check_settings`: ``">= 1"``,
+    ``"> 0"``, ``"[0, 1)"`` (None always passes). ``neutral``: it never changes the result."""
+    if bounds is not None:
+        _bounds(bounds)  # a typo in a declaration fails at import
+    metadata = {"bounds": bounds, "note": note, "result_neutral": neutral}
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def neutral(default: Any = dataclasses.MISSING, bounds: str | None = None, **kwargs: Any) -> Any:
+    """A :func:`setting` that never changes the training result."""
+    return setting(default, bounds, neutral=True, **kwargs)
+
+
+_INTERVAL = re.compile(r"([\[(])\s*(\S+),\s*(\S+)\s*([\])])")
+
+
+def _bounds(text: str) -> Callable[[float], bool]:
+    if m := re.fullmatch(r"(>=|>)\s*(\S+)", text):
+        low = float(m.group(2))
+        return (lambda v: v >= low) if m.group(1) == ">=" else (lambda v: v > low)
+    if m := _INTERVAL.fullmatch(text):
+        lo, hi = float(m.group(2)), float(m.group(3))
+        return lambda v: (lo <= v if m.group(1) == "[" else lo < v) and (
+            v <= hi if m.group(4) == "]" else v < hi)
+    raise ValueError(f"bounds {text!r}: write '>= x', '> x' or an interval like '[0, 1)'")
+
+
+def check_settings(cfg: Any) -> None:
+    """Every declared bound of every field of ``cfg``'s sections; the message names the field."""
+    for section in sections(cfg):
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            bounds, value = f.metadata.get("bounds"), getattr(obj, f.name)
+            if bounds and value is not None and not _bounds(bounds)(value):
+                what = f"must be {bounds}" if bounds[0] in "<>" else f"must lie in {bounds}"
+                note = f.metadata.get("note")
+                raise ConfigError(f"{section}.{f.name}: {what}" + (f" ({note})" if note else ""))
 
 
 class _Loader(yaml.SafeLoader):
