@@ -257,6 +257,8 @@ def test_preview_writes_a_grid_of_pairs(demo, tmp_path, mix, relative):
     (["--loader", "dali", "--data.workers", "0"], ti.ConfigError, r"data\.workers: must be >= 1 for dali"),
     (["--optim.lr", "fast"], ti.ConfigError, r"optim\.lr: 'fast' is not a valid float"),
     (["--optim.lrr", "0.1"], ti.ConfigError, r"unknown config field 'optim\.lrr'; did you mean optim\.lr"),
+    (["--batch-size", "4096"], ti.ConfigError, r"data: .*no batch of 4096 on rank 0 of 1"),
+    (["--resume", "/no/such.pt"], FileNotFoundError, r"run\.resume: checkpoint /no/such\.pt does not exist"),
 ])
 def test_bad_input_is_refused_before_training(demo, tmp_path, extra, error, message):
     with pytest.raises(error, match=message):
