@@ -468,6 +468,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.model.compile:  # DDP first, then compile: DDP's optimizer splits the graph
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            torch._dynamo.config.skip_nnmodule_hook_guards = False  # the feature hook is guarded
             self.model = torch.compile(self.model, dynamic=False)  # a graph per size
         self.optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay,
                                                       biases=cfg.optim.no_decay == "bn_bias"), lr=0.0,
