@@ -30,9 +30,11 @@ Two things FFCV does not give and this module adds:
   every sample from the loader seed and its batch (whose content follows from seed and epoch).
 - **Sharding for an explicit rank, by the shared rule.** FFCV's ``distributed=True`` builds a
   padded ``DistributedSampler`` from the process group (some images twice per epoch). Instead
-  the shards are :meth:`pipelines.base.Shard.split`'s: in training :class:`ShardedRandom`
-  gives each rank its slice of the epoch's permutation, in validation each rank reads its
-  contiguous block (``indices=``) in order; FFCV's ``drop_last`` counts batches the same way.
+  the shards are :meth:`pipelines.base.Shard.split`'s (the orders of
+  :mod:`pipelines.ffcv_order`): in training each rank takes its slice of the epoch's global
+  order (``order="random"``: the permutation; ``"quasi_random"``: pages in a random order,
+  shuffled a window of pages at a time), in validation its contiguous block in order; FFCV's
+  ``drop_last`` counts batches the same way.
 
 Batches live in FFCV's buffers, which are reused: a batch stays valid while the next
 ``batches_ahead + 1`` are drawn (clone it to keep it longer). numba may print an ignored
@@ -49,7 +51,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import cv2
 import numba
@@ -65,11 +67,11 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
-from ffcv.traversal_order.base import TraversalOrder
 from ffcv.writer import DatasetWriter
 
 from .base import (IMAGENET_MEAN_255, IMAGENET_STD_255, RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO,
                    BadImageError, Loader, OutputSpec, Shard, resolve_workers)
+from .ffcv_order import ShardedOrder, ShardedQuasiRandom, ShardedRandom
 from .imagefolder import ImageFolderIndex, scan_image_folder
 from .images import load_rgb
 from .resolution import ResolutionSchedule
@@ -136,13 +138,15 @@ def write_beton(
     smart_threshold: int | None = None,
     num_workers: int | None = None,
     chunk_size: int = 100,
+    page_size: int = 4 << 21,
     progress: bool = True,
 ) -> Path:
     """Write the ImageFolder split ``folder`` to the FFCV dataset ``path``; return ``path``.
 
     Fields ``image`` (``RGBImageField``: longer side at most ``max_resolution``, stored per
     ``write_mode``: FFCV's ``raw``, ``jpg``, ``smart`` (JPEG above ``smart_threshold`` raw bytes)
-    or ``proportion`` (JPEG with ``compress_probability``)) and ``label`` (``IntField``).
+    or ``proportion`` (JPEG with ``compress_probability``)) and ``label`` (``IntField``), in
+    pages of ``page_size`` bytes (FFCV's: a power of 2, 2 MiB to 4 GiB; default 8 MiB).
     Raises :class:`UndecodableImageError` naming every file that does not decode; the file at
     ``path`` appears only when complete, so a failed or killed write never leaves one.
     """
@@ -160,7 +164,8 @@ def write_beton(
     _remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        writer = DatasetWriter(str(tmp), fields, num_workers=resolve_workers(num_workers))
+        writer = DatasetWriter(str(tmp), fields, page_size=page_size,
+                               num_workers=resolve_workers(num_workers))
         if progress:
             print(f"writing {len(index)} images of {index.root} to {path}", file=sys.stderr)
         # FFCV's writer always draws a tqdm bar on stderr: progress=False sends it nowhere.
@@ -374,42 +379,22 @@ class CenterCropDecoder(CenterCropRGBImageDecoder):
         return _center_crop
 
 
-class ShardedOrder(TraversalOrder):
-    """The order of :meth:`pipelines.base.Shard.split` as an FFCV traversal order, with no
-    process group: in training ``shard``'s slice of each epoch's permutation of ``(seed,
-    epoch)``, in validation its contiguous block in dataset order. ``skip``: the batches left
-    out at the start of the next epoch FFCV draws (a resumed epoch; reset once drawn), so they
-    are never read. FFCV binds an order given as an instance by calling it with its loader.
-    """
-
-    def __init__(self, shard: Shard, train: bool = True) -> None:
-        self.shard, self.train, self.skip = shard, train, 0  # TraversalOrder's init: __call__
-
-    def __call__(self, loader: _FfcvLoader) -> "ShardedOrder":
-        super().__init__(loader)
-        self.split = self.shard.split(len(self.indices), loader.batch_size, train=self.train,
-                                      drop_last=loader.drop_last)
-        return self
-
-    def sample_order(self, epoch: int) -> np.ndarray:
-        order, bs = self.indices[self.split.indices(self.seed, epoch)], self.split.batch_size
-        skip, self.skip = self.skip, 0  # FFCV cuts the order at len() of the whole epoch:
-        return order[skip * bs:self.split.num_batches * bs] if skip else order  # no partial
-
-
-ShardedRandom = ShardedOrder  # the training order's former name
-
-
 # --- the loader -------------------------------------------------------------------------------
 
 class FfcvLoader(Loader):
     """Batches of a ``.beton`` written by :func:`write_beton`, per :class:`pipelines.base.Loader`.
 
     ``num_classes`` is 1 + the largest label (the shared listing has no empty class).
-    ``os_cache`` (FFCV's default True): read through the OS page cache, shared by all processes
-    on the machine; False loads the pages this process needs itself. ``batches_ahead``: batches
-    FFCV prepares in advance (and buffers it keeps).
+    ``order`` (training; validation reads its block in order): ``"random"`` (the permutation)
+    or ``"quasi_random"`` (for less RAM than the dataset: pages in a random order, a window of 6
+    pages shuffled together, :class:`pipelines.ffcv_order.ShardedQuasiRandom`); both: exact
+    epochs, same order for same ``(seed, epoch)``, bitwise resume; quasi_random's batches are
+    less independent. ``os_cache``: read through the OS page cache, shared by all processes on
+    the machine (default for random), or not (default for quasi_random: this process loads the
+    pages it needs). ``batches_ahead``: batches FFCV prepares in advance (and buffers it keeps).
     """
+
+    ORDERS = ("random", "quasi_random")
 
     def __init__(
         self,
@@ -423,11 +408,14 @@ class FfcvLoader(Loader):
         seed: int = 0,
         num_workers: int | None = None,
         drop_last: bool | None = None,
-        os_cache: bool = True,
+        order: Literal["random", "quasi_random"] = "random",
+        os_cache: bool | None = None,
         batches_ahead: int = 3,
     ) -> None:
         super().__init__(train=train, batch_size=batch_size, resolution=resolution,
                          output=output, shard=shard, seed=seed, drop_last=drop_last)
+        if order not in self.ORDERS:
+            raise ValueError(f"order must be one of {self.ORDERS}, got {order!r}")
         if not isinstance(batches_ahead, int) or batches_ahead < 1:
             raise ValueError(f"batches_ahead must be a positive int, got {batches_ahead!r}")
         # FFCV's loader threads are numba threads: at most NUMBA_NUM_THREADS.
@@ -438,7 +426,8 @@ class FfcvLoader(Loader):
         self.num_samples = int(reader.num_samples)
         self.num_classes = int(_labels(reader).max()) + 1
         len(self)  # a training split too small for one batch fails here, not in the trainer
-        self.os_cache = os_cache
+        self.order = order
+        self.os_cache = order == "random" if os_cache is None else bool(os_cache)
         self.batches_ahead = batches_ahead
         self._gpu = self.output.device.type == "cuda"
         # Without cupy, FFCV's NormalizeImage cannot run on the GPU: torch normalises there.
@@ -471,9 +460,14 @@ class FfcvLoader(Loader):
                          else CenterCropDecoder(res, ratio=VAL_CROP_RATIO))
         return _FfcvLoader(
             str(self.path), batch_size=batch_size, num_workers=self.num_workers,
-            os_cache=self.os_cache, order=ShardedOrder(self.shard, self.train), seed=self.seed,
+            os_cache=self.os_cache, order=self._traversal_order(), seed=self.seed,
             drop_last=self.drop_last, batches_ahead=self.batches_ahead,
             pipelines={"image": self._image_pipeline(), "label": self._label_pipeline()})
+
+    def _traversal_order(self) -> ShardedOrder:
+        if self.train and self.order == "quasi_random":
+            return ShardedQuasiRandom(self.shard)
+        return ShardedOrder(self.shard, self.train)
 
     def _image_pipeline(self) -> list[Operation]:
         dtype = np.float16 if self.output.dtype == torch.float16 else np.float32
@@ -501,5 +495,5 @@ def _batches(epoch: Iterator, finish: Callable[[torch.Tensor], torch.Tensor]
 
 
 __all__ = ["CenterCropDecoder", "FfcvLoader", "SeededRandomResizedCropFlip", "ShardedOrder",
-           "ShardedRandom", "UndecodableImageError", "fit_resolution",
+           "ShardedQuasiRandom", "ShardedRandom", "UndecodableImageError", "fit_resolution",
            "WRITE_MODES", "ensure_beton", "load_rgb_array", "read_beton", "write_beton"]

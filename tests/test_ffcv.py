@@ -20,6 +20,7 @@ import torchvision.transforms.functional as TF
 from ffcv.fields import IntField
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader as RawFfcvLoader
+from ffcv.memory_managers.process_cache.schedule import compute_schedule
 from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 from ffcv.writer import DatasetWriter
@@ -29,6 +30,7 @@ from pipelines import OutputSpec, Phase, Phases, Shard, make_loader
 from pipelines.base import IMAGENET_MEAN_255, IMAGENET_STD_255, val_resize
 from pipelines.ffcv import (FfcvLoader, SeededRandomResizedCropFlip, ShardedRandom,
                             UndecodableImageError, ensure_beton, load_rgb_array, write_beton)
+from pipelines.ffcv_order import WINDOW_PAGES, quasi_random_order, sample_pages
 from pipelines.imagefolder import scan_image_folder
 from tests.imagefiles import (BAD_FILE_WRITERS, DECODABLE, add_bad_file, decode_batch,
                               expected_rgb, make_unreadable, write_coded_tree)
@@ -495,3 +497,130 @@ def test_set_epoch_start_batch_resumes_bitwise_and_hands_ffcv_only_the_rest(text
     val.set_epoch(0, start_batch=2)
     rest = [(x.clone(), y.clone()) for x, y in val]
     np.testing.assert_array_equal(check_aligned(rest, label_of), np.arange(20, N))
+
+
+# --- order="quasi_random" ---------------------------------------------------------------------
+
+PAGED_CLASSES, PAGED_PER_CLASS = 5, 50
+PAGED = PAGED_CLASSES * PAGED_PER_CLASS  # 250 raw 256 x 256 images: 10 to a 2 MiB page, 25 pages
+
+
+@pytest.fixture(scope="module")
+def paged(tmp_path_factory) -> Path:
+    """A coded split big enough for many pages: raw 256 x 256 images in pages of 2 MiB."""
+    root = tmp_path_factory.mktemp("paged") / "split"
+    write_coded_tree(root, classes=PAGED_CLASSES, per_class=PAGED_PER_CLASS, size=(256, 256),
+                     vary_size=False)
+    return write(root, root.parent / "paged.beton", max_resolution=256, write_mode="raw",
+                 page_size=1 << 21)
+
+
+@pytest.fixture(scope="module")
+def paged_pages(paged) -> np.ndarray:
+    """The page of each sample, from the beton's allocation table."""
+    pages = sample_pages(Reader(str(paged)))
+    assert len(np.unique(pages)) == 25 and np.bincount(pages).max() == 10
+    return pages
+
+
+@pytest.fixture(scope="module")
+def quasi(paged) -> dict[int, FfcvLoader]:
+    """order='quasi_random' training loaders of ranks 0 and 1 of 2 (125 samples each, 12
+    batches of 10): rank 0 with its default os_cache (False), rank 1 through the OS cache."""
+    return {rank: loader(paged, train=True, batch_size=10, resolution=16, seed=4,
+                         shard=Shard(rank, 2), order="quasi_random",
+                         **({"os_cache": True} if rank else {})) for rank in (0, 1)}
+
+
+def lru_page_loads(pages: np.ndarray, capacity: int = WINDOW_PAGES) -> int:
+    """How many pages a reader holding ``capacity`` pages (least recently used one dropped)
+    loads to read samples of these pages in this order."""
+    held: list[int] = []
+    loads = 0
+    for page in pages.tolist():
+        if page in held:
+            held.remove(page)
+        else:
+            loads += 1
+            if len(held) == capacity:
+                held.pop(0)
+        held.append(page)
+    return loads
+
+
+def test_quasi_random_yields_every_sample_of_the_shards_once_per_epoch(quasi, paged_pages):
+    """Over 2 ranks, each epoch: rank r yields positions [125 r, 125 r + 120) of the global
+    quasi-random order of (seed, epoch) (12 full batches of its N // W = 125), labels matching
+    the pixels, no sample twice; the two shares of 125 are the whole split but for none (250 =
+    2 x 125), and the order depends only on (seed, epoch)."""
+    label_of = np.repeat(np.arange(PAGED_CLASSES), PAGED_PER_CLASS)
+    assert (quasi[0].os_cache, quasi[1].os_cache) == (False, True)
+    for epoch in (0, 1):
+        order = quasi_random_order(paged_pages, 4, epoch)
+        assert sorted(order.tolist()) == list(range(PAGED))
+        seen = []
+        for rank, train in quasi.items():
+            batches = run_epoch(train, epoch)
+            assert len(train) == len(batches) == 12 and {len(y) for _, y in batches} == {10}
+            indices = check_aligned(batches, label_of)
+            np.testing.assert_array_equal(indices, order[125 * rank:125 * rank + 120])
+            seen.extend(indices)
+        assert len(set(seen)) == len(seen) == 240
+
+
+def test_quasi_random_order_is_a_function_of_seed_and_epoch(quasi, paged_pages):
+    """The same (seed, epoch) gives the same batches, bitwise; another epoch or seed another
+    order; and it is not random's permutation."""
+    train = quasi[0]
+    first, again = run_epoch(train, 3), run_epoch(train, 3)
+    for (x, y), (ax, ay) in zip(first, again, strict=True):
+        assert torch.equal(x, ax) and torch.equal(y, ay)
+    order = np.concatenate([decode_batch(x)[1] for x, _ in first])
+    np.testing.assert_array_equal(order, quasi_random_order(paged_pages, 4, 3)[:120])
+    assert not np.array_equal(order, quasi_random_order(paged_pages, 4, 4)[:120])
+    assert not np.array_equal(order, quasi_random_order(paged_pages, 5, 3)[:120])
+    assert not np.array_equal(order, Shard(0, 2).split(PAGED, 10, train=True).indices(4, 3)[:120])
+
+
+def test_quasi_random_reads_each_rank_s_pages_in_contiguous_runs(quasi, paged_pages):
+    """Each rank's samples (as delivered) come a window of pages at a time: a reader holding 6
+    pages loads each page it touches once, and FFCV's process cache holds few pages at once;
+    random's order, over the same shard, loads pages again and again and holds them all."""
+    for rank, train in quasi.items():
+        delivered = np.concatenate([decode_batch(x)[1] for x, _ in run_epoch(train, 2)])
+        pages = paged_pages[delivered]
+        split = Shard(rank, 2).split(PAGED, 10, train=True)
+        random_pages = paged_pages[split.indices(4, 2)[:120]]
+        quasi_loads, random_loads = lru_page_loads(pages), lru_page_loads(random_pages)
+        assert quasi_loads == len(np.unique(pages)) <= 3 * WINDOW_PAGES
+        assert random_loads >= 4 * quasi_loads
+        # a page's samples come within one window's 6 x 10 samples (random's: all 120)
+        spans = [np.ptp(np.flatnonzero(pages == p)) for p in np.unique(pages)]
+        assert max(spans) < WINDOW_PAGES * 10
+        slots = [compute_schedule([set(paged_pages[b]) for b in seq.reshape(12, 10)]).num_slots
+                 for seq in (delivered, split.indices(4, 2)[:120])]
+        assert slots[0] <= 2 * WINDOW_PAGES < 20 <= slots[1]
+
+
+def test_quasi_random_resumes_mid_epoch_bitwise(quasi):
+    """set_epoch(e, start_batch=k) yields bitwise batches k.. of the uninterrupted epoch."""
+    train = quasi[1]
+    assert train.resumes_exactly
+    whole = run_epoch(train, 5)
+    train.set_epoch(5, start_batch=7)
+    resumed = [(x.clone(), y.clone()) for x, y in train]
+    assert len(resumed) == 12 - 7
+    for (x, y), (wx, wy) in zip(resumed, whole[7:], strict=True):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+
+
+def test_quasi_random_is_for_training_validation_stays_in_order(beton, label_of):
+    """A validation loader given order='quasi_random' reads its block in dataset order."""
+    val = loader(beton, batch_size=16, order="quasi_random", shard=Shard(1, 2))
+    np.testing.assert_array_equal(check_aligned(run_epoch(val), label_of), np.arange(24, N))
+
+
+@pytest.mark.parametrize("order", ["sequential", "QUASI_RANDOM", None])
+def test_an_unknown_order_is_refused_naming_the_choices(beton, order):
+    with pytest.raises(ValueError, match=r"order must be one of \('random', 'quasi_random'\)"):
+        loader(beton, train=True, order=order)
