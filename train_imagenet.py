@@ -108,6 +108,10 @@ class DataConfig:
     dali_reader: Literal["feed", "file"] = "feed"
     """DALI only: ``feed`` (exact, resumable epoch order) or ``file`` (DALI's
     ``fn.readers.file``, NVIDIA's recipe); why both: ``docs/design/dali.md``."""
+    ffcv_order: Literal["random", "quasi_random"] = "random"
+    """FFCV training order: ``random``, or ``quasi_random`` (a random order of windows of the
+    beton's pages, for machines with less RAM than the dataset; batches are less independent,
+    see docs/design/loaders.md). Both give exact epochs and a bitwise mid-epoch resume."""
     ffcv_max_resolution: int = 256
     ffcv_jpeg_quality: int = 90
     ffcv_compress_probability: float = 0.5
@@ -291,6 +295,8 @@ def validate(cfg: Config) -> None:
          "set it together with mix.mixed_weight (or neither: eta's convex pair)")
     need(None in weights or (min(weights) >= 0 and max(weights) > 0), "mix.clean_weight",
          "the pass weights must be >= 0 and not both 0")
+    need(cfg.data.ffcv_order == "random" or cfg.data.loader == "ffcv", "data.ffcv_order",
+         f"only the ffcv loader has this order ({cfg.data.loader} shuffles the whole dataset)")
     need(cfg.data.decode == "auto" or cfg.data.loader == "folder", "data.decode",
          f"only the folder loader decodes on request ({cfg.data.loader} decodes on the GPU itself)")
     need(cfg.data.decode != "gpu" or torch.cuda.is_available(), "data.decode",

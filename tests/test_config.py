@@ -41,6 +41,7 @@ def test_exponent_floats_in_yaml(tmp_path):
     (["--optim.lr", "fast"], r"optim\.lr: 'fast' is not a valid float"),
     (["--resume-override", "optim.lrr"], r"run\.resume_override: unknown config field 'optim\.lrr'"),
     (["--loader", "dali", "--data.decode", "gpu"], r"data\.decode: only the folder loader"),
+    (["--data.ffcv_order", "quasi_random"], r"data\.ffcv_order: only the ffcv loader"),
 ])
 def test_bad_values_name_their_field(argv, message):
     with pytest.raises(ti.ConfigError, match=message):

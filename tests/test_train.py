@@ -113,6 +113,13 @@ def test_short_run_with_each_mixer_and_loader(demo, tmp_path_factory, loader, mi
     assert state["config"]["mix"]["kind"] == mix and state["config"]["data"]["loader"] == loader
 
 
+def test_ffcv_quasi_random_order_trains_from_the_command_line(demo, tmp_path):
+    summary = run(demo, tmp_path, "--loader", "ffcv", "--data.ffcv_order", "quasi_random",
+                  "--epochs", "1")
+    assert summary["final"]["val_images"] == 30
+    assert checkpoint(tmp_path, "run", 0)["config"]["data"]["ffcv_order"] == "quasi_random"
+
+
 # -- resume -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

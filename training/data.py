@@ -89,6 +89,8 @@ def build_data(cfg: Any, shard: Shard, device: torch.device, dtype: torch.dtype)
         common["reader"] = cfg.data.dali_reader
     if cfg.data.loader == "folder":
         common["decode"] = cfg.data.decode
+    if cfg.data.loader == "ffcv":
+        common["order"] = cfg.data.ffcv_order
     try:
         train = pipelines.make_loader(cfg.data.loader, train_src, train=True,
                                       batch_size=cfg.data.batch_size // ws,
