@@ -237,7 +237,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as the trainer runs (run.deterministic false)
     amp_name = args.amp or ("fp16" if device.type == "cuda" else "none")
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_name]
+    amp = ti.AMP_DTYPES[amp_name]
     gen = torch.Generator().manual_seed(0)  # CPU generator: the mixers' draws need no device sync
     runs = {mix: build(mix, args, device, amp) for mix in args.mixes}
     result = {"arch": args.arch, "device": str(device), "amp": amp_name, "threads": torch.get_num_threads(),

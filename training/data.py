@@ -25,20 +25,26 @@ def _split_dir(root: Path, split: str) -> Path:
     return path
 
 
+def data_root(data: Any, shard: Shard) -> Path:
+    """The folder ``data.path`` names, or the demo dataset's (rank 0 writes it on first use)."""
+    if data.path is None:
+        from pipelines.demo import ensure_demo_dataset
+        root = Path(data.demo_root)
+        main_rank_first(shard, lambda: ensure_demo_dataset(root), "write the demo dataset")
+        return root
+    root = Path(data.path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path: {root} does not exist or is not a directory")
+    return root
+
+
 def resolve_sources(data: Any, shard: Shard) -> tuple[Any, Any]:
     """(train source, val source) for the loader of ``data`` (the config's data section).
 
     Rank 0 writes the demo set or the betons if needed while the others wait outside any
     collective (:func:`main_rank_first`): writing ImageNet's betons takes hours.
     """
-    if data.path is None:
-        from pipelines.demo import ensure_demo_dataset
-        root = Path(data.demo_root)
-        main_rank_first(shard, lambda: ensure_demo_dataset(root), "write the demo dataset")
-    else:
-        root = Path(data.path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.path: {root} does not exist or is not a directory")
+    root = data_root(data, shard)
     if data.loader != "ffcv":
         return _split_dir(root, "train"), _split_dir(root, "val")
     if (root / "train.beton").is_file() and (root / "val.beton").is_file():
@@ -114,14 +120,9 @@ def build_data(cfg: Any, shard: Shard, device: torch.device, dtype: torch.dtype)
 
 def count_train_images(data: Any) -> int:
     """How many training images the data section names, from the listing (nothing decoded)."""
-    root = Path(data.demo_root if data.path is None else data.path)
-    if data.path is None:
-        from pipelines.demo import ensure_demo_dataset
-        ensure_demo_dataset(root)
+    root = data_root(data, Shard())
     if data.loader == "ffcv" and (root / "train.beton").is_file():
         from pipelines.ffcv import read_beton
         return read_beton(root / "train.beton").num_samples
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.path: {root} does not exist or is not a directory")
     from pipelines.imagefolder import scan_image_folder
     return len(scan_image_folder(_split_dir(root, "train")))
