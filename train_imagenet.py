@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
-import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 
 import pipelines
@@ -37,25 +32,27 @@ from mixing.base import Mixer, NonFiniteSaliency
 from mixing.baselines import CutMix, Mixup
 from mixing.grafting import SaliencyGrafting
 from mixing.sage import SAGE
-from mixing.saliency import find_feature_layer, get_layer, unwrap
+from mixing.saliency import unwrap
 from mixing.step import StepOutput, TwoPassStep, no_stage
 from pipelines import Shard
-from pipelines.resolution import Phases, schedule_from_dict
 from training import config as conf
 from training.checkpoint import (FORMAT, CheckpointError, Checkpoints, check_resumable,
                                  record_overrides, rng_state, set_rng_state)
 from training.config import ConfigError, neutral, setting
-from training.data import build_data, count_train_images
+from training.data import build_data
 from training.distributed import (StopRequest, all_gather, all_reduce_sum, any_rank, barrier,
-                                  init_distributed, report_failure, shutdown, stop_requests)
+                                  init_distributed, launched_main_rank, report_failure, shutdown,
+                                  stop_requests)
 from training.ema import ModelEma
-from training.guard import DivergenceGuard
-from training.models import (apply_blurpool, check_arch, create_model, init_classifier,
+from training.evaluation import evaluate
+from training.meter import EpochMeter
+from training.models import (apply_blurpool, create_model, distribute, init_classifier,
                              param_groups, zero_init_residual)
+from training.numerics import amp_dtype, amp_name, seed_everything
 from training.report import (EpochLog, Scalars, StageTimer, epoch_line, progress_bar,
-                             report_profile, schedule_table, step_scalars, write_csv,
-                             write_preview, write_schedule_png)
-from training.schedule import epoch_plan, lr_schedule, mixes_in
+                             report_profile, step_scalars, write_csv, write_preview)
+from training.schedule import dry_run, lr_schedule, mixes_in
+from training.validation import check_world, resume_overrides, validate
 
 MIXERS: dict[str, type[Mixer]] = {
     "mixup": Mixup, "cutmix": CutMix, "grafting": SaliencyGrafting, "sage": SAGE}
@@ -262,102 +259,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
                      epilog="Every field is also settable as --section.field VALUE (YAML syntax), "
                             "e.g. --optim.lr 1.7 --grafting.temperature 0.3 --data.resolution "
                             "'{kind: ramp, min_res: 160, max_res: 192, start_ramp: 11, end_ramp: 13}'.")
-    validate(cfg)
+    validate(cfg, MIXERS)
     return cfg
-
-
-def resume_overrides(cfg: Config) -> list[str]:
-    return [k.strip() for k in (cfg.run.resume_override or "").split(",") if k.strip()]
 
 
 def result_fields(cfg_dict: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The flattened fields that change what training computes (unused mixers' don't)."""
     return conf.result_fields(cfg_dict, Config, unused=set(MIXERS) - {cfg_dict["mix"]["kind"]})
-
-
-def validate(cfg: Config) -> None:
-    """Check what the fields' declared bounds cannot express; raise ConfigError naming the
-    field."""
-    def need(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {what}")
-
-    conf.check_settings(cfg)
-    check_arch(cfg.model.arch)
-    need(cfg.mix.off_epoch is None or cfg.mix.off_epoch >= cfg.mix.warmup_epochs, "mix.off_epoch",
-         f"must be >= mix.warmup_epochs ({cfg.mix.warmup_epochs}) or null")
-    need(not cfg.run.wandb or importlib.util.find_spec("wandb") is not None, "run.wandb",
-         "Weights & Biases is not installed (pip install wandb)")
-    need(0 <= cfg.optim.lr_peak_epoch <= cfg.optim.epochs, "optim.lr_peak_epoch",
-         f"must lie in [0, epochs={cfg.optim.epochs}]")
-    weights = (cfg.mix.clean_weight, cfg.mix.mixed_weight)
-    need(weights.count(None) in (0, 2), "mix.clean_weight",
-         "set it together with mix.mixed_weight (or neither: eta's convex pair)")
-    need(None in weights or (min(weights) >= 0 and max(weights) > 0), "mix.clean_weight",
-         "the pass weights must be >= 0 and not both 0")
-    need(cfg.data.ffcv_order == "random" or cfg.data.loader == "ffcv", "data.ffcv_order",
-         f"only the ffcv loader has this order ({cfg.data.loader} shuffles the whole dataset)")
-    need(cfg.data.decode == "auto" or cfg.data.loader == "folder", "data.decode",
-         f"only the folder loader decodes on request ({cfg.data.loader} decodes on the GPU itself)")
-    need(cfg.data.decode != "gpu" or torch.cuda.is_available(), "data.decode",
-         "gpu needs CUDA, and none is present (auto decodes on the GPU only when there is one)")
-    need(cfg.data.workers is None or cfg.data.workers >= (cfg.data.loader != "folder"),
-         "data.workers", "must be >= 1 for dali and ffcv (threads/processes), >= 0 for folder "
-         "(0: load in the main process)")
-    if cfg.optim.lr_schedule == "piecewise":
-        knots = cfg.optim.lr_knots
-        need(bool(knots) and all(isinstance(k, (list, tuple)) and len(k) == 2 for k in knots),
-             "optim.lr_knots", "piecewise schedule needs [[epoch, lr], ...]")
-        need(all(isinstance(v, (int, float)) and not isinstance(v, bool) for k in knots for v in k),
-             "optim.lr_knots", "epochs and learning rates must be numbers")
-        epochs = [float(k[0]) for k in knots]
-        need(all(b >= a for a, b in zip(epochs, epochs[1:])), "optim.lr_knots",
-             "epochs must not decrease")
-        need(all(float(k[1]) >= 0 for k in knots), "optim.lr_knots", "learning rates must be >= 0")
-    for key, spec in (("data.resolution", cfg.data.resolution),
-                      ("data.val_resolution", cfg.data.val_resolution)):
-        try:
-            schedule_from_dict(spec)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{key}: {e}") from None
-    for name, cls in MIXERS.items():  # every section, used or not, with a made-up class count
-        try:
-            cls(1000, label_smoothing=cfg.optim.label_smoothing,
-                **dataclasses.asdict(getattr(cfg, name)))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{name}: {e}") from None
-    if MIXERS.get(cfg.mix.kind, Mixer).saliency_kind == "feature":  # the layer exists, or is found
-        model = create_model(cfg.model.arch, 1000)
-        size = schedule_from_dict(cfg.data.resolution).resolution(cfg.mix.warmup_epochs)
-        try:
-            if cfg.mix.feature_layer is not None:
-                get_layer(model, cfg.mix.feature_layer)
-            else:
-                find_feature_layer(model, size, min_size=cfg.mix.feature_min_size)
-        except (AttributeError, KeyError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"mix.feature_layer: {e}") from None
-    names = conf.sections(cfg)
-    for key in resume_overrides(cfg):
-        section, _, name = key.partition(".")
-        need(section in names and name in {f.name for f in dataclasses.fields(getattr(cfg, section))},
-             "run.resume_override", f"unknown config field {key!r}")
-
-
-def check_world(cfg: Config, world_size: int) -> None:
-    """Batch sizes must split evenly over the ranks: checked before any process group starts."""
-    sizes = [("data.batch_size", cfg.data.batch_size),
-             ("data.val_batch_size", cfg.data.val_batch_size or cfg.data.batch_size)]
-    schedule = schedule_from_dict(cfg.data.resolution)
-    phases = schedule.phases if isinstance(schedule, Phases) else ()
-    sizes += [(f"data.resolution (phase from epoch {p.start_epoch})", p.bs) for p in phases if p.bs]
-    k = cfg.optim.accum_steps
-    for key, bs in sizes:
-        if bs % world_size:
-            raise ConfigError(f"{key}: batch size {bs} is not divisible by the world size "
-                              f"{world_size}")
-        if key != "data.val_batch_size" and bs // world_size % k:
-            raise ConfigError(f"{key}: the per-rank batch {bs // world_size} does not split "
-                              f"into optim.accum_steps={k} equal micro-batches")
 
 
 # ------------------------------------------------------------------------------------------
@@ -402,33 +310,6 @@ def build_step(cfg: Config, model: nn.Module, mixer: Mixer | None, scaler: torch
                        label_smoothing=cfg.optim.label_smoothing, scaler=scaler, amp_dtype=amp)
 
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    amp = cfg.optim.amp
-    if amp == "auto":  # bf16 needs no GradScaler (and none of its per-step host syncs)
-        amp = ("none" if device.type != "cuda" else
-               "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    return AMP_DTYPES[amp]
-
-
-def amp_name(dtype: torch.dtype | None) -> str:
-    return next(name for name, d in AMP_DTYPES.items() if d == dtype)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
 # ------------------------------------------------------------------------------------------
 # Training and evaluation
 # ------------------------------------------------------------------------------------------
@@ -461,27 +342,20 @@ class Trainer:
         check_world(cfg, self.dist.world_size)
         self.device = init_distributed(self.dist, cfg.run.collective_timeout)
         seed_everything(cfg.run.seed + self.dist.rank, cfg.run.deterministic)
-        self.amp_dtype = amp_dtype(cfg, self.device)
+        self.amp_dtype = amp_dtype(cfg.optim.amp, self.device)
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.data = build_data(cfg, self.dist, self.device, self.amp_dtype or torch.float32)
         self.num_classes = self.data.num_classes
         self.mixer = build_mixer(cfg, self.num_classes)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.num_classes, self.device)
-        self.model = model
-        if self.dist.world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.model.compile:  # DDP first, then compile: DDP's optimizer splits the graph
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            torch._dynamo.config.skip_nnmodule_hook_guards = False  # the feature hook is guarded
-            self.model = torch.compile(self.model, dynamic=False)  # a graph per size
+        self.model = distribute(model, self.device, self.dist.world_size, cfg.model.compile)
         self.optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay,
                                                       biases=cfg.optim.no_decay == "bn_bias"), lr=0.0,
                                          momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.lr = lr_schedule(cfg.optim)
-        self.guard = DivergenceGuard(self.scaler, cfg.optim.max_skipped_steps, self.device)
+        self.meter = EpochMeter(self.scaler, cfg.optim.max_skipped_steps, self.device)
         self.ema = ModelEma(model, cfg.model.ema_decay) if cfg.model.ema_decay else None
         self.step = build_step(cfg, self.model, self.mixer, self.scaler, self.amp_dtype)
         # The mixer's draws come from a CPU generator: no device sync per draw, and the same
@@ -614,7 +488,7 @@ class Trainer:
     def train_epoch(self, epoch: int, timer: StageTimer | None = None,
                     max_steps: int | None = None, start: int = 0) -> dict[str, Any]:
         """Train ``epoch`` from its batch ``start`` (a mid-epoch resume) to its end."""
-        cfg, loader, guard = self.cfg, self.data.train, self.guard
+        cfg, loader, meter = self.cfg, self.data.train, self.meter
         try:
             loader.set_epoch(epoch, start_batch=start)
         except ValueError as e:  # a reader that resumes at epoch boundaries only
@@ -625,11 +499,9 @@ class Trainer:
         self.model.train()
         steps = len(loader) if max_steps is None else min(max_steps, len(loader))
         mixing = self.mixer is not None and mixes_in(cfg, epoch)
-        guard.start_epoch()
-        seen, mixed = 0, 0
+        meter.start_epoch()
         if start and self.resumed_progress is not None:
-            guard.load_state_dict(self.resumed_progress["guard"])
-            seen, mixed = self.resumed_progress["seen"], self.resumed_progress["mixed"]
+            meter.load_state_dict(self.resumed_progress)
         begin = time.perf_counter()
         stage = timer or no_stage
         bar = progress_bar(steps, f"epoch {epoch + 1}/{cfg.optim.epochs}") if (
@@ -644,7 +516,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             mix = mixing and (cfg.mix.prob >= 1 or  # drawn only when needed: runs stay as they were
                               bool(torch.rand((), generator=self.mix_gen) < cfg.mix.prob))
-            mixed += mix
             before = images.clone() if mix and self.preview_pending else None
             try:
                 out = self.accumulate(images, labels, mix, timer)
@@ -652,35 +523,20 @@ class Trainer:
                 raise NonFiniteLoss(self.divergence_message("non-finite training loss", epoch, i),
                                     agreed=False) from None
             with stage("optimizer"):
-                if cfg.optim.grad_clip:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.ema is not None:
-                    self.ema.update(unwrap(self.model))
+                self.optimizer_step()
             if before is not None:
-                self.preview_pending = False
-                if self.dist.main:
-                    path = self.output_path(cfg.run.preview)
-                    k = cfg.optim.accum_steps  # the pairs are those of the last micro-batch
-                    write_preview(path, before.chunk(k)[-1], images.chunk(k)[-1],
-                                  labels.chunk(k)[-1], out, self.data.classes,
-                                  pipelines.IMAGENET_MEAN, pipelines.IMAGENET_STD)
-                    self.log(f"wrote mixing preview {path}")
-            guard.record(out.loss, labels.shape[0])
-            seen += labels.shape[0]
+                self.preview(before, images, labels, out)
+            meter.record(out.loss, labels.shape[0], mix)
             self.global_step += 1
             every = cfg.run.checkpoint_every_steps
             save_here = bool(every) and (i + 1) % every == 0 and i + 1 < steps
             if (i + 1) % 10 == 0 or i + 1 == steps or save_here:  # a sync every 10 steps
                 diverged, stop = any_rank(torch.stack([
-                    guard.diverged(), torch.tensor(self.stop.signal is not None, device=self.device)]))
+                    meter.diverged(), torch.tensor(self.stop.signal is not None, device=self.device)]))
                 if diverged:  # every rank stops at the same step
-                    raise NonFiniteLoss(self.divergence_message(guard.reason(), epoch, i))
+                    raise NonFiniteLoss(self.divergence_message(meter.reason(), epoch, i))
                 if stop or save_here:
-                    progress = {"guard": guard.state_dict(), "seen": seen, "mixed": mixed}
-                    path = self.save(epoch, False, batch=i + 1, progress=progress)
+                    path = self.save(epoch, False, batch=i + 1, progress=meter.state_dict())
                     if stop:
                         raise Preempted(
                             f"stopped by {self.stop.signal or 'a signal on another rank'} after "
@@ -689,22 +545,40 @@ class Trainer:
                 if self.scalars is not None:
                     self.scalars.log("train", step_scalars(out, lr, loader.resolution), self.global_step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{guard.loss_sum.item() / max(guard.images.item(), 1):.3f}",
-                                    lr=f"{lr:.4f}",
-                                    res=loader.resolution,
-                                    img_s=f"{seen * self.dist.world_size / (time.perf_counter() - begin):.0f}")
+                    rate = meter.seen * self.dist.world_size / (time.perf_counter() - begin)
+                    bar.set_postfix(loss=f"{meter.mean_loss():.3f}", lr=f"{lr:.4f}",
+                                    res=loader.resolution, img_s=f"{rate:.0f}")
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - begin
-        total_loss, counted, total_seen = all_reduce_sum(
-            [guard.loss_sum.item(), guard.images.item(), float(seen)], self.device)
+        total_loss, counted, total_seen = all_reduce_sum(meter.totals(), self.device)
         return {"epoch": epoch, "train_loss": total_loss / max(counted, 1), "lr": lr,
                 "resolution": loader.resolution, "batch_size": loader.batch_size * self.dist.world_size,
-                "mixing": cfg.mix.kind if mixing else "none", "mixed_fraction": mixed / max(steps, 1),
+                "mixing": cfg.mix.kind if mixing else "none", "mixed_fraction": meter.mixed / max(steps, 1),
                 "resumed_at_step": start,
                 "images_per_second": total_seen / elapsed, "epoch_seconds": elapsed}
+
+    def optimizer_step(self) -> None:
+        """Clip the gradients (if asked), step through the GradScaler, update the EMA."""
+        if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model))
+
+    def preview(self, before: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                out: StepOutput) -> None:
+        """Write the mixing preview once (rank 0): the pairs of the last micro-batch."""
+        self.preview_pending = False
+        if self.dist.main:
+            path, k = self.output_path(self.cfg.run.preview), self.cfg.optim.accum_steps
+            write_preview(path, before.chunk(k)[-1], images.chunk(k)[-1], labels.chunk(k)[-1],
+                          out, self.data.classes, pipelines.IMAGENET_MEAN, pipelines.IMAGENET_STD)
+            self.log(f"wrote mixing preview {path}")
 
     def accumulate(self, images: torch.Tensor, labels: torch.Tensor, mix: bool,
                    timer: StageTimer | None) -> StepOutput:
@@ -726,32 +600,10 @@ class Trainer:
                    "(or --optim.grad_clip 1 --resume-override optim.grad_clip)." if kept
                    else "No checkpoint was written yet."))
 
-    # -- evaluate ----------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Top-1/top-5 of ``model`` (default: the one trained) over the whole val set; each
-        rank counts its exact shard once."""
-        model = model or self.model
-        training = model.training
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # top1, top5, loss, n
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                  enabled=self.amp_dtype is not None)
-        for images, labels in self.data.val:
-            with autocast:
-                logits = model(images).float()
-                if self.cfg.eval.flip_tta:
-                    logits = logits + model(torch.flip(images, dims=[3])).float()
-            k = min(5, self.num_classes)
-            top = logits.topk(k, dim=1).indices
-            hit = top == labels[:, None]
-            sums += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(),
-                                 F.cross_entropy(logits, labels, reduction="sum"),
-                                 torch.tensor(labels.shape[0], device=self.device)]).double()
-        top1, top5, loss, n = all_reduce_sum(sums.tolist(), self.device)
-        model.train(training)
-        return {"val_top1": top1 / n, "val_top5": top5 / n, "val_loss": loss / n,
-                "val_images": int(n)}
+        """Top-1/top-5 of ``model`` (default: the one trained) over the whole val set."""
+        return evaluate(model or self.model, self.data.val, self.device, self.amp_dtype,
+                        self.cfg.eval.flip_tta)
 
     # -- profile -----------------------------------------------------------------------------
     def profile(self, steps: int) -> dict[str, Any]:
@@ -795,27 +647,6 @@ class Trainer:
         return summary
 
 
-def dry_run(cfg: Config) -> list[dict[str, Any]]:
-    """Count the training images (no decoding), print the schedule of every epoch and write
-    ``schedule.png`` in the run folder; nothing is trained."""
-    world_size = Shard.from_env().world_size
-    images = count_train_images(cfg.data)
-    two_pass = cfg.mix.kind != "none" and MIXERS[cfg.mix.kind].saliency_kind != "none"
-    rows = epoch_plan(cfg, images, world_size, two_pass)
-    print(schedule_table(rows, images, world_size))
-    path = write_schedule_png(rows, lr_schedule(cfg.optim), Path(cfg.run.out_dir) / cfg.run.name
-                              / "schedule.png")
-    print(f"wrote {path}")
-    return rows
-
-
-def _main_rank() -> bool:
-    try:
-        return Shard.from_env().main
-    except ValueError:
-        return True
-
-
 KNOWN_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, pipelines.MissingBackendError,
                 pipelines.BadImageError, NonFiniteLoss)
 
@@ -827,7 +658,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         cfg = parse_config(argv)
         if cfg.run.dry_run:
-            return {"schedule": dry_run(cfg)}
+            two_pass = cfg.mix.kind != "none" and MIXERS[cfg.mix.kind].saliency_kind != "none"
+            return {"schedule": dry_run(cfg, two_pass)}
         summary = Trainer(cfg).fit()
         ok = True
         return summary
@@ -835,11 +667,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not getattr(e, "agreed", False):
             report_failure(f"{type(e).__name__}: {e}")
         if isinstance(e, Preempted) and __name__ == "__main__":
-            if _main_rank():
+            if launched_main_rank():
                 print(f"preempted: {e}", file=sys.stderr)
             raise SystemExit(EXIT_PREEMPTED) from None
         if isinstance(e, KNOWN_ERRORS) and __name__ == "__main__":
-            if not isinstance(e, ConfigError) or _main_rank():
+            if not isinstance(e, ConfigError) or launched_main_rank():
                 print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         raise

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_imagenet as ti  # noqa: E402
 from mixing.step import TwoPassStep  # noqa: E402
+from training.numerics import AMP_DTYPES  # noqa: E402
 from training.report import StageTimer  # noqa: E402
 
 MIXES = ("none", "mixup", "cutmix", "grafting", "sage")
@@ -237,7 +238,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as the trainer runs (run.deterministic false)
     amp_name = args.amp or ("fp16" if device.type == "cuda" else "none")
-    amp = ti.AMP_DTYPES[amp_name]
+    amp = AMP_DTYPES[amp_name]
     gen = torch.Generator().manual_seed(0)  # CPU generator: the mixers' draws need no device sync
     runs = {mix: build(mix, args, device, amp) for mix in args.mixes}
     result = {"arch": args.arch, "device": str(device), "amp": amp_name, "threads": torch.get_num_threads(),

@@ -25,8 +25,9 @@ import yaml
 
 from .config import ConfigError
 
-FORMAT = 2
-"""Version 2: weights-only content. Version 1 pickled numpy and Python RNG states."""
+FORMAT = 3
+"""Version 3: a mid-epoch checkpoint keeps each rank's epoch meter as one state. Version 2:
+weights-only content. Version 1 pickled numpy and Python RNG states."""
 
 _NAME = re.compile(r"ckpt_epoch(\d+)(?:_step(\d+))?\.pt")
 

@@ -11,7 +11,7 @@ import torch
 
 import pipelines
 from pipelines import Shard
-from pipelines.resolution import Phase, Phases, ResolutionSchedule, schedule_from_dict
+from pipelines.resolution import Phases, ResolutionSchedule, schedule_from_dict
 
 from .config import ConfigError
 from .distributed import main_rank_first
@@ -75,10 +75,11 @@ class Data:
 
 
 def per_rank_schedule(spec: Any, world_size: int) -> ResolutionSchedule:
-    """The resolution schedule with its global batch sizes divided over the ranks."""
+    """The resolution schedule with its global batch sizes divided over the ranks (every
+    other field of a phase, such as its crop scale, kept)."""
     schedule = schedule_from_dict(spec)
     if isinstance(schedule, Phases):
-        return Phases(tuple(Phase(p.start_epoch, p.res, p.bs and p.bs // world_size)
+        return Phases(tuple(dataclasses.replace(p, bs=p.bs and p.bs // world_size)
                             for p in schedule.phases))
     if getattr(schedule, "bs", None):
         return dataclasses.replace(schedule, bs=schedule.bs // world_size)

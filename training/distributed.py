@@ -73,6 +73,15 @@ def init_distributed(shard: Shard, timeout_s: float = 600.0) -> torch.device:
     return device
 
 
+def launched_main_rank() -> bool:
+    """Whether this process is rank 0 by the launcher's variables (True when they are bad:
+    the error about them is printed once, here)."""
+    try:
+        return Shard.from_env().main
+    except ValueError:
+        return True
+
+
 def report_failure(reason: str) -> None:
     """Tell every other rank that this one failed, so that they stop too."""
     if _watcher is None:

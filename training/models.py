@@ -1,5 +1,5 @@
 """The networks: any torchvision classification model or timm model (``timm/NAME``), FFCV's
-BlurPool, and the optimizer's parameter groups."""
+BlurPool, initialisation, the optimizer's parameter groups, DDP and compilation."""
 from __future__ import annotations
 
 from typing import Any
@@ -106,3 +106,17 @@ def init_classifier(model: nn.Module, std: float) -> None:
     if not linear:
         raise ValueError(f"classifier_init_std: {type(model).__name__} has no Linear classifier")
     nn.init.normal_(linear[-1].weight, 0.0, std)
+
+
+def distribute(model: nn.Module, device: torch.device, world_size: int,
+               compile: bool) -> nn.Module:
+    """The model the step runs: DDP over the ranks, then ``torch.compile`` (DDP first, so that
+    DDP's optimizer splits the graph at its buckets), one static graph per input size."""
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.skip_nnmodule_hook_guards = False  # the feature hook is guarded
+        model = torch.compile(model, dynamic=False)
+    return model

@@ -1,14 +1,18 @@
 """The run's schedule over epochs and iterations: the learning rate, which epochs mix, and
-the whole plan the dry run prints."""
+the whole plan the dry run prints and draws."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipelines import Shard
 from pipelines.resolution import schedule_from_dict
+
+from .data import count_train_images
+from .report import schedule_table, write_schedule_png
 
 
 @dataclass(frozen=True)
@@ -66,4 +70,17 @@ def epoch_plan(cfg: Any, images: int, world_size: int, two_pass: bool) -> list[d
                      "mixing": cfg.mix.kind if mixing else "none",
                      "mix_prob": cfg.mix.prob if mixing else 0.0,
                      "loss_weights": weights if mixing and two_pass else [1.0]})
+    return rows
+
+
+def dry_run(cfg: Any, two_pass: bool) -> list[dict[str, Any]]:
+    """Count the training images (no decoding), print the schedule of every epoch and write
+    ``schedule.png`` in the run folder; nothing is trained."""
+    world_size = Shard.from_env().world_size
+    images = count_train_images(cfg.data)
+    rows = epoch_plan(cfg, images, world_size, two_pass)
+    print(schedule_table(rows, images, world_size))
+    path = write_schedule_png(rows, lr_schedule(cfg.optim),
+                              Path(cfg.run.out_dir) / cfg.run.name / "schedule.png")
+    print(f"wrote {path}")
     return rows
