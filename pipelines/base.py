@@ -7,7 +7,7 @@ A loader yields ``(images, labels)`` already on the training device:
 - ``labels``: ``int64`` of shape ``N``.
 
 ``len(loader)`` is the number of batches per epoch on this rank, and ``set_epoch(e)`` applies
-epoch ``e``'s resolution, batch size and shuffling seed before the next iteration;
+epoch ``e``'s resolution, batch size, crop scale and shuffling seed before the next iteration;
 ``set_epoch(e, start_batch=k)`` makes the next iteration resume epoch ``e`` at its batch ``k``
 (a step-level resume: the ``k`` batches before are skipped without being read or decoded, and
 ``len()`` stays the whole epoch's count). ``loader.resumes_exactly`` says whether the batches
@@ -17,8 +17,9 @@ crops and flips), or only the same images in the same order.
 A file a backend cannot decode raises :class:`BadImageError` (a ValueError) naming the path
 and the reason in words, whichever the backend.
 
-Train mode: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) and horizontal flip. Validation
-mode: resize the shorter side to ``res / 0.875`` and centre-crop ``res``.
+Train mode: random-resized-crop (area scale ``schedule.min_scale(e)``-1, 0.08-1 unless the
+schedule says otherwise; ratio 3/4-4/3) and horizontal flip. Validation mode: resize the
+shorter side to ``res / 0.875`` and centre-crop ``res``.
 
 **Sharding** (:meth:`Shard.split`, the one rule every backend follows). ``N`` samples over ``W``
 ranks, rank ``r``, batch size ``bs``:
@@ -48,7 +49,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .resolution import ResolutionSchedule, schedule_from_dict
+from .resolution import DEFAULT_MIN_SCALE, ResolutionSchedule, schedule_from_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,7 +58,8 @@ IMAGENET_STD_255 = tuple(255 * s for s in IMAGENET_STD)
 
 #: Validation images are resized so that a ``res`` centre crop keeps 87.5% of the short side.
 VAL_CROP_RATIO = 0.875
-RRC_SCALE = (0.08, 1.0)
+#: The random-resized crop's default area scale range; an epoch's is :meth:`Loader.crop_scale_at`.
+RRC_SCALE = (DEFAULT_MIN_SCALE, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 
 #: Names :func:`as_float_dtype` accepts for each output dtype.
@@ -308,9 +310,9 @@ class Loader(abc.ABC):
 
     Subclasses set ``source`` (what errors name) and ``num_samples`` (the whole split), then
     call ``len(self)`` to refuse a training split too small for one batch; they implement
-    ``__iter__`` and read ``self.resolution``, ``self.batch_size`` (both follow ``set_epoch``)
-    and ``self.split_at(epoch)``. Validation loaders are given a fixed resolution (an int).
-    ``drop_last`` defaults to ``train``.
+    ``__iter__`` and read ``self.resolution``, ``self.batch_size`` (both follow ``set_epoch``),
+    ``self.split_at(epoch)`` and, in training, ``self.crop_scale_at(epoch)``. Validation
+    loaders are given a fixed resolution (an int). ``drop_last`` defaults to ``train``.
     """
 
     source: object
@@ -344,11 +346,12 @@ class Loader(abc.ABC):
         self.start_batch = 0  # where the next iteration starts in the epoch (set_epoch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Apply ``epoch``'s resolution, batch size and shuffling seed to the next iteration,
-        which starts at the epoch's batch ``start_batch`` (0 to ``len()``; ``len()`` gives an
-        empty iteration): the batches before it are skipped unread, the ones after are those
-        an uninterrupted epoch yields there (see :attr:`resumes_exactly`). ``start_batch``
-        holds for one iteration: the one after it starts the epoch again at batch 0."""
+        """Apply ``epoch``'s resolution, batch size, crop scale and shuffling seed to the next
+        iteration, which starts at the epoch's batch ``start_batch`` (0 to ``len()``; ``len()``
+        gives an empty iteration): the batches before it are skipped unread, the ones after are
+        those an uninterrupted epoch yields there (see :attr:`resumes_exactly`).
+        ``start_batch`` holds for one iteration: the one after it starts the epoch again at
+        batch 0."""
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         if not isinstance(start_batch, int) or isinstance(start_batch, bool) or start_batch < 0:
@@ -375,6 +378,11 @@ class Loader(abc.ABC):
     def batch_size_at(self, epoch: int) -> int:
         """The batch size of ``epoch``: its phase's, else the loader's."""
         return self.schedule.batch_size(epoch) or self._default_batch_size
+
+    def crop_scale_at(self, epoch: int) -> tuple[float, float]:
+        """The area scale range of ``epoch``'s training crops, ``(schedule.min_scale(epoch), 1)``
+        (:data:`RRC_SCALE` unless the schedule says otherwise)."""
+        return self.schedule.min_scale(epoch), RRC_SCALE[1]
 
     def split_at(self, epoch: int) -> ShardSplit:
         """This rank's samples and batches in ``epoch`` (:meth:`Shard.split`)."""

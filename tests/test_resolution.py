@@ -1,9 +1,10 @@
-"""Progressive-resizing schedules: FFCV's ramp, phases, building from data, and bad input."""
+"""Progressive-resizing schedules: FFCV's ramp, phases, crop scales, building from data, and bad
+input."""
 import numpy as np
 import pytest
 
-from pipelines.resolution import (Fixed, LinearRamp, Phase, Phases, ResolutionSchedule,
-                                  schedule_from_dict)
+from pipelines.resolution import (DEFAULT_MIN_SCALE, DefaultMinScale, Fixed, LinearRamp, Phase,
+                                  Phases, ResolutionSchedule, schedule_from_dict)
 
 
 def ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
@@ -72,6 +73,44 @@ def test_schedule_from_dict_builds_every_kind():
     assert all(isinstance(s, ResolutionSchedule) for s in (phases, ramp, Fixed(32)))
 
 
+def test_phases_set_the_crop_scale_of_their_epochs_the_others_the_default():
+    """The fast protocol's phases: 0.08 (the default) at 128 px, 0.087 from epoch 15 on; Fixed
+    and LinearRamp crop at the default every epoch."""
+    s = schedule_from_dict({"kind": "phases", "phases": [
+        {"start_epoch": 0, "res": 128, "bs": 1024},
+        {"start_epoch": 15, "res": 224, "bs": 448, "min_scale": 0.087}]})
+    assert s.min_scale(20) == 0.087 and s.min_scale(3) == 0.08
+    assert [s.min_scale(e) for e in (0, 14, 15, 99)] == [0.08, 0.08, 0.087, 0.087]
+    assert Phases((Phase(0, 64, min_scale=1),)).min_scale(0) == 1.0
+    assert DEFAULT_MIN_SCALE == 0.08
+    assert {Fixed(64).min_scale(e) for e in range(5)} == {0.08}
+    assert LinearRamp(64, 128, 1, 3).min_scale(9) == 0.08
+
+
+class UserSchedule:
+    """A schedule of user code written before crop scales: sizes only."""
+
+    def resolution(self, epoch):
+        return 64 + 32 * epoch
+
+    def batch_size(self, epoch):
+        return 8
+
+    def max_resolution(self):
+        return 128
+
+
+def test_a_user_schedule_without_min_scale_crops_at_the_default():
+    """schedule_from_dict keeps its sizes and gives it the default scale; one that has
+    min_scale is used as it is."""
+    wrapped = schedule_from_dict(UserSchedule())
+    assert isinstance(wrapped, DefaultMinScale) and isinstance(wrapped, ResolutionSchedule)
+    assert (wrapped.resolution(2), wrapped.batch_size(2), wrapped.max_resolution()) == (128, 8, 128)
+    assert wrapped.min_scale(2) == DEFAULT_MIN_SCALE
+    scaled = type("Scaled", (UserSchedule,), {"min_scale": lambda self, epoch: 0.5})()
+    assert schedule_from_dict(scaled) is scaled
+
+
 @pytest.mark.parametrize("spec,message", [
     ({"kind": "cosine"}, "unknown resolution schedule kind 'cosine'"),
     ({"res": 64}, "unknown resolution schedule kind None"),
@@ -91,6 +130,10 @@ def test_schedule_from_dict_builds_every_kind():
     ({"kind": "phases", "phases": [{"start_epoch": 0, "res": 64}, {"start_epoch": 0, "res": 96}]}, "increase strictly"),
     ({"kind": "phases", "phases": [{"start_epoch": 0, "res": 64}], "extra": 1}, "unexpected keys ['extra']"),
     ({"kind": "phases", "phases": [{"start_epoch": 0, "size": 64}]}, "bad 'phases' resolution schedule"),
+    *[({"kind": "phases", "phases": [{"start_epoch": 0, "res": 64, "min_scale": bad}]},
+       "min_scale must be a number in (0, 1]")
+      for bad in (0, -0.1, 1.5, float("nan"), True, "0.5")],
+    ({"kind": "fixed", "res": 64, "min_scale": 0.5}, "unexpected keyword argument 'min_scale'"),
 ])
 def test_bad_schedules_raise_errors_naming_the_problem(spec, message):
     """Every malformed schedule is rejected with a ValueError that says what is wrong."""
@@ -110,5 +153,8 @@ def test_non_schedule_values_are_type_errors(spec):
 def test_bad_epochs_are_rejected(epoch):
     """Every schedule rejects an epoch that is not a non-negative int."""
     for s in (Fixed(64), LinearRamp(64, 128, 0, 2), Phases((Phase(0, 64),))):
-        with pytest.raises(ValueError, match="epoch must be a non-negative int"):
-            s.resolution(epoch)
+        for method in (s.resolution, s.min_scale):
+            with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+                method(epoch)
+    with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+        DefaultMinScale(UserSchedule()).min_scale(epoch)
