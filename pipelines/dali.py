@@ -136,14 +136,14 @@ class DaliLoader(Loader):
                 f"read with reader='feed' (the trainer's data.dali_reader feed)")
         super().set_epoch(epoch, start_batch)
 
-    def build(self, graph: Callable[..., Pipeline], batch_size: int, seed: int,
-              *args: object) -> Pipeline:
+    def build(self, graph: Callable[..., Pipeline], batch_size: int, area: tuple[float, float],
+              seed: int, *args: object) -> Pipeline:
         """A built ``graph(*args)`` (a :mod:`pipelines.dali_graph` pipeline) with this loader's
-        output, device and threads."""
+        output, device and threads, training crops of area scale ``area``."""
         dtype = types.FLOAT16 if self.output.dtype == torch.float16 else types.FLOAT
         pipe = graph(*args, train=self.train, gpu=self.gpu,
                      decoder="mixed" if self.gpu else "cpu", dtype=dtype, layout=self.layout,
-                     batch_size=batch_size, num_threads=self.num_threads,
+                     area=area, batch_size=batch_size, num_threads=self.num_threads,
                      device_id=self.device_id, seed=seed, prefetch_queue_depth=self.prefetch)
         pipe.build()
         return pipe

@@ -5,9 +5,10 @@ of ``(seed, epoch)``: exact shards, and a resumed run sees the same data. The fe
 epochs (epoch ``e + 1``'s batches, at its size, follow epoch ``e``'s), so DALI's prefetching
 crosses the epoch boundary; when the next ``iter()`` is not for what was fed, the batches in
 flight are drained and the feed restarts. One pipeline serves every resolution; it is rebuilt
-only when the batch size grows. A resumed epoch (``set_epoch(e, start_batch=k)``) restarts the
-feed at its batch ``k``: the batches before are never read. Why this design:
-``docs/design/dali.md``.
+only when the batch size grows or the crop scale changes (DALI fixes the scale at the build, so
+the feed stops before the first epoch of another scale). A resumed epoch (``set_epoch(e,
+start_batch=k)``) restarts the feed at its batch ``k``: the batches before are never read. Why
+this design: ``docs/design/dali.md``.
 """
 from __future__ import annotations
 
@@ -69,15 +70,24 @@ class FeedReader:
         self.next_epoch: tuple | None = None  # _epoch_key of what the feed serves next
 
     def _pipeline(self) -> Pipeline:
+        """A pipeline for the loader's epoch: its batch size and crop scale (``self.area``)."""
         loader = self.loader
-        return loader.build(fed_pipeline, loader.batch_size,
+        self.area = loader.crop_scale_at(loader.epoch)
+        return loader.build(fed_pipeline, loader.batch_size, self.area,
                             dali_seed(loader.seed, loader.shard.rank), self.feed)
+
+    def _fits(self, epoch: int) -> bool:
+        """Whether the built pipeline decodes ``epoch``'s batches: they are no larger than its
+        batch size and have its crop scale."""
+        loader = self.loader
+        return (loader.batch_size_at(epoch) <= self.pipe.max_batch_size
+                and loader.crop_scale_at(epoch) == self.area)
 
     def batches(self, epoch: int) -> list[tuple[np.ndarray, int]] | None:
         """This rank's batches in ``epoch``: dataset indices and output size; None when they
         do not fit the built pipeline (the feed ends there)."""
         loader = self.loader
-        if loader.batch_size_at(epoch) > self.pipe.max_batch_size:
+        if not self._fits(epoch):
             return None
         res = loader.schedule.resolution(epoch)
         return [(batch, res) for batch in loader.split_at(epoch).batches(loader.seed, epoch)]
@@ -93,10 +103,10 @@ class FeedReader:
 
     def _stream(self) -> DALIGenericIterator:
         """The running pipeline if its feed goes on with the loader's epoch, else one restarted
-        on it (the batches in flight drained, the pipeline rebuilt if the batch size grew)."""
+        on it (the batches in flight drained, the pipeline rebuilt if it does not fit the epoch)."""
         loader = self.loader
         start = loader._take_start()
-        rebuild = self.pipe is None or loader.batch_size > self.pipe.max_batch_size
+        rebuild = self.pipe is None or not self._fits(loader.epoch)
         if rebuild or self.owed or start or self.next_epoch != loader._epoch_key(loader.epoch):
             self._drain()
             if rebuild:

@@ -63,10 +63,12 @@ class _ScheduleFeed:
 
 
 class _ReaderStream:
-    """One built file-mode pipeline: its reader's arguments, size feed, iterator and position."""
+    """One built file-mode pipeline: its reader's arguments, size feed, crop scale, iterator and
+    position."""
 
-    def __init__(self, pipe: Pipeline, feed: _ScheduleFeed, reader: dict) -> None:
-        self.pipe, self.feed, self.reader = pipe, feed, reader
+    def __init__(self, pipe: Pipeline, feed: _ScheduleFeed, reader: dict,
+                 area: tuple[float, float]) -> None:
+        self.pipe, self.feed, self.reader, self.area = pipe, feed, reader, area
         self.batch_size = pipe.max_batch_size
         self.iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                             last_batch_policy=LastBatchPolicy.FILL,
@@ -97,9 +99,10 @@ class _ReaderStream:
 class FileReader:
     """The file-mode reader of one :class:`~pipelines.dali.DaliLoader`: its running stream.
 
-    A new pipeline is built (the reader restarts) only when the batch size changes, after a
-    loop that stopped mid-epoch or a failure, or when ``set_epoch`` jumps to an epoch whose size
-    the prefetched batches do not have. Needs a sample for every rank (``N >= world_size``).
+    A new pipeline is built (the reader restarts) only when the batch size or the crop scale
+    changes (the batches prefetched at the old scale are dropped), after a loop that stopped
+    mid-epoch or a failure, or when ``set_epoch`` jumps to an epoch whose size the prefetched
+    batches do not have. Needs a sample for every rank (``N >= world_size``).
     """
 
     def __init__(self, loader: DaliLoader) -> None:
@@ -136,6 +139,7 @@ class FileReader:
         """The running pipeline if it can serve the loader's epoch next, else a new one."""
         stream, epoch = self.stream, self.loader.epoch
         if (stream is None or stream.batch_size != self.loader.batch_size
+                or stream.area != self.loader.crop_scale_at(epoch)
                 or stream.received % stream.feed.per_epoch
                 or not stream.feed.retarget(stream.received, epoch)):
             self.stream = stream = None  # free the old pipeline before building anew
@@ -156,8 +160,9 @@ class FileReader:
                       pad_last_batch=True, seed=seed, name="Reader")
         per_epoch = math.ceil(math.ceil(loader.num_samples / world) / bs)
         feed = _ScheduleFeed(loader.schedule, loader.train, bs, per_epoch, epoch)
-        return _ReaderStream(loader.build(file_reader_pipeline, bs, seed, feed, reader),
-                             feed, reader)
+        area = loader.crop_scale_at(epoch)
+        return _ReaderStream(loader.build(file_reader_pipeline, bs, area, seed, feed, reader),
+                             feed, reader, area)
 
     def _take(self, stream: _ReaderStream) -> dict[str, torch.Tensor]:
         try:

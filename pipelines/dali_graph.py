@@ -2,8 +2,10 @@
 resize and normalise; and the small graphs that find the file a failed batch choked on.
 
 Training: random-resized-crop and a random flip; validation: the shorter side resized, then a
-centre crop. ``crop_mirror_normalize`` writes the output dtype and layout directly. EXIF
-orientation is ignored (``adjust_orientation=False``), as PIL ignores it in the other backends.
+centre crop. The crop's area scale range is an argument of the graph (DALI fixes it when the
+pipeline is built), so the readers build a new pipeline when the schedule changes it.
+``crop_mirror_normalize`` writes the output dtype and layout directly. EXIF orientation is
+ignored (``adjust_orientation=False``), as PIL ignores it in the other backends.
 Design notes and measurements: ``docs/design/dali.md``.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from .base import IMAGENET_MEAN_255, IMAGENET_STD_255, RRC_RATIO, RRC_SCALE
+from .base import IMAGENET_MEAN_255, IMAGENET_STD_255, RRC_RATIO
 
 #: nvJPEG buffer padding of NVIDIA's ResNet-50 example (used by the ``mixed`` decoder only).
 DEVICE_MEMORY_PADDING = 211_025_920
@@ -23,17 +25,18 @@ HOST_MEMORY_PADDING = 140_544_512
 
 
 def augment(encoded, size, shorter=None, *, decoder: str, dtype: types.DALIDataType,
-            layout: str):
+            layout: str, area: tuple[float, float]):
     """Encoded files -> normalised images of side ``size``.
 
-    Training (no ``shorter``): random-resized-crop to ``size`` x ``size`` and a random flip.
-    Validation: the shorter side resized to ``shorter``, then a centre crop of ``size``.
+    Training (no ``shorter``): random-resized-crop (area scale in ``area``) to ``size`` x
+    ``size`` and a random flip. Validation: the shorter side resized to ``shorter``, then a
+    centre crop of ``size``.
     """
     decode = dict(device=decoder, output_type=types.RGB, adjust_orientation=False,
                   device_memory_padding=DEVICE_MEMORY_PADDING,
                   host_memory_padding=HOST_MEMORY_PADDING)
     if shorter is None:
-        images = fn.decoders.image_random_crop(encoded, random_area=RRC_SCALE,
+        images = fn.decoders.image_random_crop(encoded, random_area=area,
                                                random_aspect_ratio=RRC_RATIO, **decode)
         images = fn.resize(images, resize_x=size, resize_y=size)
         geometry = {"mirror": fn.random.coin_flip()}
@@ -52,22 +55,22 @@ def num_sizes(train: bool) -> int:
 
 @pipeline_def
 def fed_pipeline(feed, *, train: bool, gpu: bool, decoder: str, dtype: types.DALIDataType,
-                 layout: str):
+                 layout: str, area: tuple[float, float]):
     """Feed mode: ``feed()`` gives each batch's encoded paths, labels and sizes."""
     paths, labels, *sizes = fn.external_source(source=feed, num_outputs=2 + num_sizes(train),
                                                batch=True)
     images = augment(fn.io.file.read(paths, dont_use_mmap=True), *sizes, decoder=decoder,
-                     dtype=dtype, layout=layout)
+                     dtype=dtype, layout=layout, area=area)
     return images, labels.gpu() if gpu else labels
 
 
 @pipeline_def
 def file_reader_pipeline(feed, reader: dict, *, train: bool, gpu: bool, decoder: str,
-                         dtype: types.DALIDataType, layout: str):
+                         dtype: types.DALIDataType, layout: str, area: tuple[float, float]):
     """File mode: ``fn.readers.file(**reader)`` reads files and labels, ``feed()`` gives sizes."""
     encoded, labels = fn.readers.file(**reader)
     sizes = fn.external_source(source=feed, num_outputs=num_sizes(train), batch=True)
-    images = augment(encoded, *sizes, decoder=decoder, dtype=dtype, layout=layout)
+    images = augment(encoded, *sizes, decoder=decoder, dtype=dtype, layout=layout, area=area)
     return images, labels.gpu() if gpu else labels
 
 

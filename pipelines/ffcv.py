@@ -20,8 +20,9 @@ there, by ``NormalizeImage`` (whose GPU kernel needs cupy) or, without cupy, by 
 CPU-only machine ``NormalizeImage`` runs in FFCV's JIT stage and no CUDA call is made (FFCV's own
 ``pin_memory`` attempts fail quietly). bfloat16 is one cast of the float32 output (``Convert``).
 Progressive resizing sets the decoder's ``output_size`` at the epoch boundary (FFCV's method);
-a new FFCV ``Loader`` is built only when the batch size changes. Note that FFCV sets torch's
-intra-op thread count to ``num_workers``.
+a new FFCV ``Loader`` is built only when the batch size or the crop scale changes (the scale is
+compiled into the decoder). Note that FFCV sets torch's intra-op thread count to
+``num_workers``.
 
 Two things FFCV does not give and this module adds:
 
@@ -433,6 +434,7 @@ class FfcvLoader(Loader):
         # Without cupy, FFCV's NormalizeImage cannot run on the GPU: torch normalises there.
         self._ffcv_normalizes = not self._gpu or importlib.util.find_spec("cupy") is not None
         self._loader: _FfcvLoader | None = None
+        self._built_for: tuple[int, tuple[float, float]] | None = None  # batch size, crop scale
         self._decoder: Operation | None = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -446,17 +448,19 @@ class FfcvLoader(Loader):
         return _batches(iter(loader), finish)
 
     def _current_loader(self) -> _FfcvLoader:
-        """The FFCV loader for this epoch's batch size (built anew when it changes)."""
-        if self._loader is None or self._loader.batch_size != self.batch_size:
-            self._loader = self._build(self.batch_size)
+        """The FFCV loader for this epoch's batch size and crop scale (built anew when either
+        changes: the decoder's compiled code holds the scale)."""
+        built_for = (self.batch_size, self.crop_scale_at(self.epoch))
+        if self._loader is None or self._built_for != built_for:
+            self._loader, self._built_for = self._build(*built_for), built_for
         return self._loader
 
-    def _build(self, batch_size: int) -> _FfcvLoader:
+    def _build(self, batch_size: int, scale: tuple[float, float]) -> _FfcvLoader:
         # Collect dropped FFCV pipelines now: numba's clean-up of their compiled functions
         # fails (a printed KeyError) if the collector runs during a compilation in FFCV's thread.
         gc.collect()
         res = (self.resolution, self.resolution)
-        self._decoder = (SeededRandomResizedCropFlip(res, self.seed) if self.train
+        self._decoder = (SeededRandomResizedCropFlip(res, self.seed, scale) if self.train
                          else CenterCropDecoder(res, ratio=VAL_CROP_RATIO))
         return _FfcvLoader(
             str(self.path), batch_size=batch_size, num_workers=self.num_workers,

@@ -8,12 +8,12 @@ device, by :meth:`OutputSpec.normalize_uint8`.
 One DataLoader iterator runs on across epochs, so its workers start decoding the next epoch's
 first batches while the current epoch's last ones are used: no worker start-up and no empty
 pipeline at an epoch boundary, with or without a resolution switch. Each sample the workers
-receive is keyed ``(index, resolution, epoch)``, so a batch prefetched before ``set_epoch`` is
-called already has the next epoch's size, and ``set_epoch`` never changes an epoch that is
-running. The stream assumes the epochs follow each other; when they do not (``set_epoch``
-jumps, or a loop stopped mid-epoch), the next ``iter()`` starts a new one. Random crops and
-flips are drawn from a generator seeded with ``(seed, epoch, sample index)``: the same seed
-gives the same crops whatever the number of workers.
+receive is keyed ``(index, resolution, epoch, crop scale)``, so a batch prefetched before
+``set_epoch`` is called already has the next epoch's size and crop scale, and ``set_epoch``
+never changes an epoch that is running. The stream assumes the epochs follow each other; when
+they do not (``set_epoch`` jumps, or a loop stopped mid-epoch), the next ``iter()`` starts a new
+one. Random crops and flips are drawn from a generator seeded with ``(seed, epoch, sample
+index)``: the same seed gives the same crops whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from .images import load_rgb
 from .resolution import ResolutionSchedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+#: What the workers are given per sample: (index, resolution, epoch, crop area scale range).
+SampleKey = tuple[int, int, int, tuple[float, float]]
 
 
 def load_pil_rgb(path: str) -> Image.Image:
@@ -70,8 +72,9 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 
 class Samples(Dataset):
-    """``(index, resolution, epoch) -> (H x W x 3 uint8 tensor, label)``: each key carries its
-    epoch's size and crop seed, so one set of workers serves every epoch."""
+    """``(index, resolution, epoch, crop scale) -> (H x W x 3 uint8 tensor, label)``: each key
+    carries its epoch's size, crop seed and crop area scale range, so one set of workers serves
+    every epoch."""
 
     def __init__(self, samples: tuple[tuple[str, int], ...], train: bool, seed: int) -> None:
         self.samples, self.train, self.seed = samples, train, seed
@@ -79,13 +82,13 @@ class Samples(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-        i, res, epoch = key
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
+        i, res, epoch, scale = key
         path, label = self.samples[i]
         img = load_pil_rgb(path)
         if self.train:
             rng = np.random.default_rng((self.seed, epoch, i))
-            top, left, h, w = random_resized_crop_box(img.width, img.height, rng)
+            top, left, h, w = random_resized_crop_box(img.width, img.height, rng, scale)
             img = F.resized_crop(img, top, left, h, w, [res, res])
             if rng.random() < 0.5:
                 img = F.horizontal_flip(img)
@@ -141,10 +144,10 @@ class FolderLoader(Loader):
         if self.decode == "gpu":
             self._gpu = GpuDecoder(Samples(self.index.samples, self.train, self.seed), self.output)
 
-    def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int, int]]]:
-        """``epoch``'s batches of sample keys, ``(index, resolution, epoch)``."""
-        res = self.schedule.resolution(epoch)
-        return [[(int(i), res, epoch) for i in batch]
+    def _epoch_batches(self, epoch: int) -> list[list[SampleKey]]:
+        """``epoch``'s batches of sample keys, ``(index, resolution, epoch, crop scale)``."""
+        res, scale = self.schedule.resolution(epoch), self.crop_scale_at(epoch)
+        return [[(int(i), res, epoch, scale) for i in batch]
                 for batch in self.split_at(epoch).batches(self.seed, epoch)]
 
     def _open(self, epoch: int, skip: int = 0) -> _Stream:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .base import IMAGENET_MEAN_255, IMAGENET_STD_255, OutputSpec, val_resize
+
+if TYPE_CHECKING:
+    from .folder import SampleKey
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 
@@ -180,7 +183,7 @@ def crop_batch(images: Sequence[torch.Tensor], plan: torch.Tensor) -> torch.Tens
 class RawSample:
     """What a worker returns: the bytes and plan of a file for nvJPEG, or the finished crop."""
 
-    key: tuple[int, int, int]
+    key: SampleKey
     label: int
     data: bytes | None = None             # the file's bytes, until collate_raw packs them
     plan: list[int] | None = None
@@ -189,7 +192,7 @@ class RawSample:
 
 
 class RawSamples(Dataset):
-    """``(index, resolution, epoch) -> RawSample``: the worker side of GPU decoding.
+    """``(index, resolution, epoch, crop scale) -> RawSample``: the worker side of GPU decoding.
 
     ``cpu`` is the loader's :class:`~pipelines.folder.Samples`, whose generator, crop draw and
     (for files nvJPEG should not take) whole CPU path this reuses."""
@@ -200,10 +203,10 @@ class RawSamples(Dataset):
     def __len__(self) -> int:
         return len(self.cpu)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> RawSample:
+    def __getitem__(self, key: SampleKey) -> RawSample:
         from .folder import random_resized_crop_box
 
-        i, res, epoch = key
+        i, res, epoch, scale = key
         path, label = self.cpu.samples[i]
         try:
             with open(path, "rb") as f:
@@ -216,7 +219,7 @@ class RawSamples(Dataset):
         width, height = size
         if self.cpu.train:
             rng = np.random.default_rng((self.cpu.seed, epoch, i))
-            box = random_resized_crop_box(width, height, rng)
+            box = random_resized_crop_box(width, height, rng, scale)
             plan = train_plan(box, rng.random() < 0.5, res)
         else:
             plan = val_plan(width, height, res)

@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from pipelines import OutputSpec, Shard, make_loader
-from pipelines.base import IMAGENET_MEAN_255, IMAGENET_STD_255
+from pipelines.base import IMAGENET_MEAN_255, IMAGENET_STD_255, RRC_SCALE
 from pipelines.folder import FolderLoader, Samples, random_resized_crop_box
 from pipelines.gpu_decode import (GpuDecoder, RawSamples, axis_weights, header_ok,
                                   resolve_decode, train_plan, val_plan)
@@ -103,20 +103,21 @@ def batches_both_ways(root, train: bool, res: int, epoch: int, device_output=CPU
 
 @pytest.mark.parametrize("train", [True, False])
 def test_crop_boxes_and_flips_are_the_cpu_paths_bit_for_bit(photos, train):
-    """The worker's plan is the CPU path's box and flip, from the same keyed generator."""
+    """The worker's plan is the CPU path's box and flip, from the same keyed generator, at the
+    crop scale its key carries."""
     loader = folder(photos, train=train, batch_size=3)
     cpu = Samples(loader.index.samples, train, loader.seed)
     raw = RawSamples(cpu)
     flips = []
     for epoch in range(6):
         for i, (path, _) in enumerate(loader.index.samples):
-            sample = raw[(i, 64, epoch)]
+            sample = raw[(i, 64, epoch, (0.3, 1.0))]
             with Image.open(path) as img:
                 width, height = img.size
             assert sample.size == (height, width)
             if train:
                 rng = np.random.default_rng((cpu.seed, epoch, i))
-                box = random_resized_crop_box(width, height, rng)
+                box = random_resized_crop_box(width, height, rng, (0.3, 1.0))
                 flip = rng.random() < 0.5
                 assert sample.plan == train_plan(box, flip, 64)
                 flips.append(flip)
@@ -251,7 +252,7 @@ def test_odd_files_take_the_cpu_path_in_the_worker_and_decode_to_rgb(tmp_path, k
     path, color = tree_with_odd_file(tmp_path, kind)
     loader = gpu_path_on_cpu(folder(tmp_path, train=train, batch_size=7))
     index = [p for p, _ in loader.index.samples].index(str(path))
-    sample = RawSamples(loader._gpu.cpu)[(index, 32, 0)]
+    sample = RawSamples(loader._gpu.cpu)[(index, 32, 0, RRC_SCALE)]
     assert sample.image is not None and sample.data is None  # decoded in the worker
     assert header_ok(path.read_bytes()) is None
     np.testing.assert_allclose(sample.image.float().mean((0, 1)).numpy(), color, atol=4)
