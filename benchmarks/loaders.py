@@ -62,14 +62,25 @@ that leaves the CPU idle (at an epoch boundary, say) also hands that time to its
 idling shows about twice as large as it would alone. ``--control`` (default raw DALI) runs
 against itself: its ratio's distance from 1 is the method's error.
 
+Resize gain (what the fast protocol's pre-resizing buys): a copy of the set with every shorter
+side brought down to 160 px, written by ``pipelines.resize``'s own ``resize_tree`` (its default
+quality, 95) once under ``--data-dir``, with its own ``.beton``; then each of ``folder``,
+``dali`` (feed) and ``ffcv`` at 128 px in train mode, on the original set and on the copy (two
+loaders, the same workers), a warm-up epoch each and ``--repeats`` rounds of one epoch each,
+original and copy interleaved (the order reversed every round). The gain is the median over
+rounds of the ratio copy / original of the two epochs of a round; images per CPU-second too.
+``--resize-gain RES SIDE`` sets the two sizes, ``--only-resize-gain`` runs this section alone.
+
 Targets: each salmix loader >= 0.95x its raw library at every resolution, head to head; a stall
-of at most one batch at the switch. Prints the figures and ratios, writes JSON (default
-``benchmarks/results/loaders.json``, with machine, versions and load averages) and a PNG chart
-beside it. Report measured figures only.
+of at most one batch at the switch (the resize gain has none: it is measured, not judged).
+Prints the figures and ratios, writes JSON (default ``benchmarks/results/loaders.json``, with
+machine, versions and load averages; ``loaders_resize_gain.json`` with ``--only-resize-gain``)
+and a PNG chart beside it (not for the resize gain). Report measured figures only.
 
     python benchmarks/loaders.py [--images 2048] [--batch 256] [--res 128 160 192 224]
         [--workers N] [--repeats 5] [--head-to-head-seconds 40] [--control raw-dali]
-        [--switch 128 192] [--data-dir DIR] [--out PATH] [--quick]
+        [--switch 128 192] [--resize-gain 128 160] [--only-resize-gain] [--data-dir DIR]
+        [--out PATH] [--quick]
 """
 from __future__ import annotations
 
@@ -98,6 +109,7 @@ from PIL import Image, ImageDraw, features  # noqa: E402
 
 from pipelines import OutputSpec, Phase, Phases, make_loader  # noqa: E402
 from pipelines.ffcv import WRITE_MODES, ensure_beton  # noqa: E402
+from pipelines.resize import DEFAULT_QUALITY, resize_tree  # noqa: E402
 from training.report import pyplot  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -106,6 +118,8 @@ RAW_OF = {"folder": "raw-torchvision", "dali": "raw-dali", "dali-file": "raw-dal
           "ffcv": "raw-ffcv"}
 #: Run order: each salmix loader next to its raw library, so a pair sees the same machine load.
 ORDER = ("folder", "raw-torchvision", "dali", "raw-dali", "dali-file", "ffcv", "raw-ffcv")
+#: The backends whose resize gain is measured (dali-file reads as dali does).
+RESIZE_GAIN_BACKENDS = ("folder", "dali", "ffcv")
 TARGETS = {"salmix_x_raw_min": 0.95, "switch_stall_batches_max": 1.0}
 #: Epochs a head-to-head contender may run per size (its schedule is built this long).
 HEAD_TO_HEAD_MAX_EPOCHS = 100
@@ -147,12 +161,22 @@ def synthetic_jpeg(seed: int, index: int) -> bytes:
     return out.getvalue()
 
 
-def _write_image(job: tuple[Path, int, int]) -> tuple[int, int, int]:
+def _write_image(job: tuple[Path, int, int]) -> None:
     path, seed, index = job
-    data = synthetic_jpeg(seed, index)
-    path.write_bytes(data)
-    with Image.open(io.BytesIO(data)) as image:
-        return image.width, image.height, len(data)
+    path.write_bytes(synthetic_jpeg(seed, index))
+
+
+def image_stats(root: Path) -> dict:
+    """Mean size (pixels, kB) and portrait share of the JPEGs under ``root``, from their headers."""
+    paths = sorted(root.rglob("*.jpg"))
+    sizes = []
+    for path in paths:
+        with Image.open(path) as image:
+            sizes.append((image.width, image.height, path.stat().st_size))
+    w, h, nbytes = np.array(sizes).T
+    return {"mean_width": float(w.mean()), "mean_height": float(h.mean()),
+            "mean_kpixels": float((w * h).mean() / 1e3), "portrait_share": float((h > w).mean()),
+            "mean_kbytes": float(nbytes.mean() / 1e3)}
 
 
 def ensure_images(data_dir: Path, n: int, classes: int, seed: int, workers: int) -> tuple[Path, dict]:
@@ -167,14 +191,22 @@ def ensure_images(data_dir: Path, n: int, classes: int, seed: int, workers: int)
             folder.mkdir(parents=True, exist_ok=True)
             jobs.append((folder / f"img{i:05d}.jpg", seed, i))
         with ProcessPoolExecutor(workers) as pool:
-            sizes = np.array(list(pool.map(_write_image, jobs, chunksize=16)))
-        w, h, nbytes = sizes.T
-        meta.write_text(json.dumps({
-            "images": n, "classes": classes, "seed": seed, "jpeg_quality": 90,
-            "mean_width": float(w.mean()), "mean_height": float(h.mean()),
-            "mean_kpixels": float((w * h).mean() / 1e3), "portrait_share": float((h > w).mean()),
-            "mean_kbytes": float(nbytes.mean() / 1e3)}))
+            list(pool.map(_write_image, jobs, chunksize=16))
+        meta.write_text(json.dumps({"images": n, "classes": classes, "seed": seed,
+                                    "jpeg_quality": 90, **image_stats(home / "train")}))
     return home / "train", json.loads(meta.read_text())
+
+
+def ensure_resized_copy(root: Path, short_side: int, workers: int) -> tuple[Path, dict]:
+    """The set with every shorter side brought down to ``short_side``, written beside it by
+    ``pipelines.resize.resize_tree`` at its default quality (on first use; a rerun finds every
+    file done), and its description."""
+    copy = root.parent / f"{root.name}-short{short_side}"
+    result = resize_tree(root, copy, short_side, workers=workers)
+    if result.errors:
+        raise RuntimeError(f"resize of {root} failed for {len(result.errors)} images, e.g. "
+                           f"{result.errors[0].path}")
+    return copy, {"short_side": short_side, "jpeg_quality": DEFAULT_QUALITY, **image_stats(copy)}
 
 
 # --- the raw libraries ------------------------------------------------------------------------
@@ -542,6 +574,37 @@ def head_to_head(pairs: list[tuple[str, str]], build: dict, sizes: list[int], se
     return out
 
 
+# --- resize gain ------------------------------------------------------------------------------
+
+def resize_gain(names: list[str], trees: dict, res: int, repeats: int, batch: int, workers: int,
+                device: torch.device, sync: Callable[[], None]) -> dict:
+    """Per backend of ``names``: :func:`throughput` at ``res`` of one loader on the original set
+    and one on its resized copy (``trees``: ``{"original": (root, beton), "copy": ...}``),
+    interleaved, and their :func:`paired_ratio` copy / original."""
+    out = {}
+    for name in names:
+        loaders = {f"{name} {tree}": build_loader(name, root, beton, [res] * (1 + repeats), batch,
+                                                  workers, device)
+                   for tree, (root, beton) in trees.items()}
+        row = throughput(loaders, [res], repeats, batch, sync)[res]
+        del loaders  # their workers and pipelines go before the next backend's start
+        original, copy = row[f"{name} original"], row[f"{name} copy"]
+        out[name] = {"original": original, "copy": copy, **paired_ratio(copy, original)}
+    return out
+
+
+def resize_gain_table(gain: dict, res: int, copy: dict, original: dict) -> str:
+    lines = [f"resize gain at {res} px (train): the original set (~{original['mean_kpixels']:.0f} "
+             f"kpx) against its {copy['short_side']} px short-side copy "
+             f"(~{copy['mean_kpixels']:.0f} kpx, quality {copy['jpeg_quality']})",
+             f"{'loader':<10}{'original img/s':>16}{'copy img/s':>12}{'copy / original':>17}"
+             f"{'per CPU-second':>16}   (median of the rounds' paired ratios)"]
+    for name, row in gain.items():
+        lines.append(f"{name:<10}{row['original']['img_s']:>16.0f}{row['copy']['img_s']:>12.0f}"
+                     f"{row['ratio']:>17.2f}{row['cpu_efficiency_ratio']:>16.2f}")
+    return "\n".join(lines)
+
+
 # --- building the loaders ---------------------------------------------------------------------
 
 def build_loader(name: str, root: Path, beton: Path, sizes: list[int], batch: int, workers: int,
@@ -580,12 +643,18 @@ def ratios(results: dict, names: list[str]) -> dict:
         out[res] = {}
         for name in names:
             ours, raw = row[name], row[RAW_OF[name]]
-            paired = [a / b for a, b in zip(ours["img_s_all"], raw["img_s_all"], strict=True)]
-            ratio = statistics.median(paired)
-            out[res][name] = {"vs": RAW_OF[name], "ratio": ratio, "ratio_per_round": paired,
-                              "best_ratio": ours["img_s_best"] / raw["img_s_best"],
-                              "cpu_efficiency_ratio": ours["img_per_cpu_s"] / raw["img_per_cpu_s"]}
+            out[res][name] = {"vs": RAW_OF[name], **paired_ratio(ours, raw),
+                              "best_ratio": ours["img_s_best"] / raw["img_s_best"]}
     return out
+
+
+def paired_ratio(ours: dict, theirs: dict) -> dict:
+    """Two loaders' :func:`throughput` summaries compared: the median over rounds of the ratio of
+    their images/s in the same round, the ratio of every round, and of the images per
+    CPU-second."""
+    paired = [a / b for a, b in zip(ours["img_s_all"], theirs["img_s_all"], strict=True)]
+    return {"ratio": statistics.median(paired), "ratio_per_round": paired,
+            "cpu_efficiency_ratio": ours["img_per_cpu_s"] / theirs["img_per_cpu_s"]}
 
 
 def duel_ratios(duels: dict, names: list[str]) -> dict:
@@ -692,44 +761,23 @@ def machine(device: torch.device, workers: int) -> dict:
                                                  "ffcv", "numba", "pillow")}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, help="images in the set (default 2048; quick 256)")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batch", type=int, help="batch size (default 256; quick 64)")
-    parser.add_argument("--res", type=int, nargs="+", help="default 128 160 192 224; quick 128 224")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                        help="workers / threads of every loader (default: the usable CPUs)")
-    parser.add_argument("--repeats", type=int, help="timed epochs per loader and size (default 5; quick 1)")
-    parser.add_argument("--switch", type=int, nargs=2, default=[128, 192], metavar=("LO", "HI"))
-    parser.add_argument("--backends", nargs="+", default=list(SALMIX), choices=SALMIX)
-    parser.add_argument("--head-to-head-seconds", type=float,
-                        help="length of each head-to-head run (default 40; quick 10)")
-    parser.add_argument("--control", default="raw-dali", choices=sorted(set(RAW_OF.values())),
-                        help="the raw library run head to head against itself: the method's error")
-    parser.add_argument("--ffcv-max-res", type=int, default=512, help="the .beton's max_resolution")
-    parser.add_argument("--ffcv-write-mode", default="jpg", choices=WRITE_MODES)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-dir", default=str(ROOT / "benchmarks" / "data" / "loaders"))
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loaders.json"))
-    parser.add_argument("--quick", action="store_true", help="small smoke run (about a minute)")
-    args = parser.parse_args()
-    n = args.images or (256 if args.quick else 2048)
-    batch = args.batch or (64 if args.quick else 256)
-    resolutions = args.res or ([128, 224] if args.quick else [128, 160, 192, 224])
-    repeats = args.repeats or (1 if args.quick else 5)
-    seconds = args.head_to_head_seconds or (10 if args.quick else 40)
-    device = torch.device(args.device)
-    sync = device_sync(device)
-    started, load_before = time.perf_counter(), os.getloadavg()
+def ffcv_beton(tree: Path, prefix: str, args: argparse.Namespace) -> Path:
+    """The ``.beton`` of the image tree ``tree`` with the ``--ffcv-*`` settings, written beside
+    it on first use."""
+    name = f"{prefix}{args.ffcv_write_mode}-{args.ffcv_max_res}.beton"
+    return ensure_beton(tree, tree.parent / name, max_resolution=args.ffcv_max_res,
+                        write_mode=args.ffcv_write_mode, jpeg_quality=90,
+                        num_workers=args.workers, progress=False)
 
-    root, data = ensure_images(Path(args.data_dir), n, args.classes, args.seed, args.workers)
-    beton = ensure_beton(root, root.parent / f"{args.ffcv_write_mode}-{args.ffcv_max_res}.beton",
-                         max_resolution=args.ffcv_max_res, write_mode=args.ffcv_write_mode,
-                         jpeg_quality=90, num_workers=args.workers, progress=False)
+
+def loader_sections(args: argparse.Namespace, root: Path, beton: Path | None, data: dict,
+                    device: torch.device) -> dict:
+    """Decode ceiling, throughput, switch and head to head (``args`` with its defaults
+    resolved): printed, charted, and returned for the JSON."""
+    batch, resolutions, repeats = args.batch, args.res, args.repeats
+    seconds, sync = args.head_to_head_seconds, device_sync(device)
+    load_before = os.getloadavg()
     ceiling = decode_ceiling(sorted(str(p) for p in root.rglob("*.jpg")), passes=3)
-
     lo, hi = args.switch
     throughput_sizes = [res for res in resolutions for _ in range(1 + repeats)]
     loaders = build_loaders(args.backends, root, beton, throughput_sizes + [lo, lo, hi, hi],
@@ -746,29 +794,89 @@ def main() -> None:
     duel = duel_ratios(duels, args.backends)
     load_after = os.getloadavg()
 
-    host = machine(device, args.workers)
-    title = (f"{n} JPEGs of ~{data['mean_kpixels']:.0f} kpx, batch {batch}, {args.workers} workers, "
-             f"{host['device']}; median of {repeats} epochs; "
+    title = (f"{data['images']} JPEGs of ~{data['mean_kpixels']:.0f} kpx, batch {batch}, "
+             f"{args.workers} workers, {machine(device, args.workers)['device']}; "
+             f"median of {repeats} epochs; "
              f"load avg {load_before[0]:.1f} -> {load_after[0]:.1f}")
     print(title)
     print(table(results, ratio, duels, ceiling, args.workers, switch))
     met = {"throughput": all(c["met"] for row in duel.values() for c in row.values()),
            "switch": all(switch[name]["met"] for name in args.backends)}
-    out = Path(args.out)
+    chart(results, ratio, duel, ceiling, args.workers, title, Path(args.out).with_suffix(".png"))
+    at_workers = ceiling["img_s_per_core"] * args.workers
+    return {"targets": TARGETS, "targets_met": met,
+            "decode_ceiling": {**ceiling, "img_s_at_workers": at_workers},
+            "throughput": results, "ratios": ratio, "head_to_head_s": seconds,
+            "head_to_head": duels, "head_to_head_ratios": duel, "switch": switch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, help="images in the set (default 2048; quick 256)")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, help="batch size (default 256; quick 64)")
+    parser.add_argument("--res", type=int, nargs="+", help="default 128 160 192 224; quick 128 224")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="workers / threads of every loader (default: the usable CPUs)")
+    parser.add_argument("--repeats", type=int, help="timed epochs per loader and size (default 5; quick 1)")
+    parser.add_argument("--switch", type=int, nargs=2, default=[128, 192], metavar=("LO", "HI"))
+    parser.add_argument("--resize-gain", type=int, nargs=2, default=[128, 160],
+                        metavar=("RES", "SIDE"),
+                        help="the resize gain's output size and its copy's shorter side")
+    parser.add_argument("--only-resize-gain", action="store_true",
+                        help="run the resize-gain section alone (the full run includes it)")
+    parser.add_argument("--backends", nargs="+", default=list(SALMIX), choices=SALMIX)
+    parser.add_argument("--head-to-head-seconds", type=float,
+                        help="length of each head-to-head run (default 40; quick 10)")
+    parser.add_argument("--control", default="raw-dali", choices=sorted(set(RAW_OF.values())),
+                        help="the raw library run head to head against itself: the method's error")
+    parser.add_argument("--ffcv-max-res", type=int, default=512, help="the .beton's max_resolution")
+    parser.add_argument("--ffcv-write-mode", default="jpg", choices=WRITE_MODES)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-dir", default=str(ROOT / "benchmarks" / "data" / "loaders"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
+    parser.add_argument("--out", help="the JSON (default benchmarks/results/loaders.json; "
+                                      "loaders_resize_gain.json with --only-resize-gain)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (about a minute)")
+    args = parser.parse_args()
+    args.images = args.images or (256 if args.quick else 2048)
+    args.batch = args.batch or (64 if args.quick else 256)
+    args.res = args.res or ([128, 224] if args.quick else [128, 160, 192, 224])
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    args.head_to_head_seconds = args.head_to_head_seconds or (10 if args.quick else 40)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / (
+        "loaders_resize_gain.json" if args.only_resize_gain else "loaders.json"))
+    args.out = str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    started, load_before = time.perf_counter(), os.getloadavg()
+
+    # All files first: the writers fork processes, which is unsafe once loader threads run.
+    root, data = ensure_images(Path(args.data_dir), args.images, args.classes, args.seed,
+                               args.workers)
+    gain_res, short_side = args.resize_gain
+    copy, copy_data = ensure_resized_copy(root, short_side, args.workers)
+    ffcv = "ffcv" in args.backends
+    beton = ffcv_beton(root, "", args) if ffcv else None
+    trees = {"original": (root, beton),
+             "copy": (copy, ffcv_beton(copy, f"short{short_side}-", args) if ffcv else None)}
+
+    record = {} if args.only_resize_gain else loader_sections(args, root, beton, data, device)
+    gain_names = [name for name in args.backends if name in RESIZE_GAIN_BACKENDS]
+    gain = resize_gain(gain_names, trees, gain_res, args.repeats, args.batch, args.workers,
+                       device, device_sync(device))
+    print(resize_gain_table(gain, gain_res, copy_data, data))
     out.write_text(json.dumps({
-        "machine": host, "quick": args.quick,
-        "load_average_before": load_before, "load_average_after": load_after,
+        "machine": machine(device, args.workers), "quick": args.quick,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "data": {**data, "ffcv_beton": {"max_resolution": args.ffcv_max_res,
                                         "write_mode": args.ffcv_write_mode, "jpeg_quality": 90}},
-        "batch": batch, "repeats": repeats, "targets": TARGETS, "targets_met": met,
-        "decode_ceiling": {**ceiling, "img_s_at_workers": ceiling["img_s_per_core"] * args.workers},
-        "throughput": results, "ratios": ratio, "head_to_head_s": seconds,
-        "head_to_head": duels, "head_to_head_ratios": duel, "switch": switch,
+        "batch": args.batch, "repeats": args.repeats, **record,
+        "resize_gain": {"res": gain_res, "copy": copy_data, "backends": gain},
         "runtime_s": time.perf_counter() - started}, indent=2))
-    chart(results, ratio, duel, ceiling, args.workers, title, out.with_suffix(".png"))
-    print(f"targets met: {met}; runtime {time.perf_counter() - started:.0f} s; wrote {out} and "
-          f"{out.with_suffix('.png')}")
+    met = f"targets met: {record['targets_met']}; " if record else ""
+    chart_note = "" if args.only_resize_gain else f" and {out.with_suffix('.png')}"
+    print(f"{met}runtime {time.perf_counter() - started:.0f} s; wrote {out}{chart_note}")
 
 
 if __name__ == "__main__":
