@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import train_imagenet as ti
+from training.data import per_rank_schedule
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = [  # configs_fast_phase{1,2,3}.yml: (first epoch, end epoch, crop, batch, lr_epochs, lr_values)
-    (0, 15, 128, 1024, (0, 8, 15), (0.5, 1.0, 0.125)),
-    (15, 40, 224, 448, (15, 40), (0.2, 0.02)),
-    (40, 100, 224, 448, (40, 65, 90, 100), (0.02, 0.002, 0.0002, 0.00002)),
+PHASES = [  # configs_fast_phase{1,2,3}.yml: (first epoch, end epoch, crop, min scale, batch,
+    #          lr_epochs, lr_values)
+    (0, 15, 128, 0.08, 1024, (0, 8, 15), (0.5, 1.0, 0.125)),
+    (15, 40, 224, 0.087, 448, (15, 40), (0.2, 0.02)),
+    (40, 100, 224, 0.087, 448, (40, 65, 90, 100), (0.02, 0.002, 0.0002, 0.00002)),
 ]
 
 
@@ -37,14 +39,17 @@ def test_dry_run_prints_the_reference_schedule(listing, tmp_path, capsys, preset
     rows = ti.main(["--config", str(REPO / "configs" / f"{preset}.yaml"), "--data", str(listing),
                     "--dry-run", "--out", str(tmp_path)])["schedule"]
     assert len(rows) == 100
-    for first, end, crop, batch, knots, values in PHASES:
+    for phase, (first, end, crop, scale, batch, knots, values) in enumerate(PHASES):
         for row in rows[first:end]:
             e, steps = row["epoch"], 3000 // batch
-            assert (row["resolution"], row["batch"], row["steps"]) == (crop, batch, steps), e
+            assert (row["phase"], row["resolution"], row["min_scale"], row["batch"],
+                    row["steps"]) == (phase, crop, scale, batch, steps), e
             assert row["lr_first"] == pytest.approx(np.interp(e + 1 / steps, knots, values), rel=1e-12), e
             assert row["lr_last"] == pytest.approx(np.interp(e + 1, knots, values), rel=1e-12), e
     out = capsys.readouterr().out
     assert "3000 training images" in out and out.count("\n") > 100
+    printed = {tuple(line.split()[:3]) for line in out.splitlines()}
+    assert {("14", "128", "0.08"), ("15", "224", "0.087"), ("40", "224", "0.087")} <= printed
     assert (tmp_path / preset / "schedule.png").stat().st_size > 0
     mixing = [r["mixing"] for r in rows]
     warmup = 5 if preset == "rn50_grafting" else 0
@@ -64,3 +69,12 @@ def test_the_grafting_preset_initialises_and_groups_as_the_reference():
     bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
     assert {id(p) for p in no_decay["params"]} == bn  # BatchNorm only: fc.bias decays
     assert any(p is model.fc.bias for p in decay["params"])
+
+
+def test_each_rank_loads_the_phases_crop_scale_with_its_share_of_the_batch():
+    """The trainer divides each phase's global batch over the ranks; the phase's other fields
+    (its crop scale) reach the loaders unchanged."""
+    cfg = ti.parse_config(["--config", str(REPO / "configs" / "rn50_grafting.yaml")])
+    schedule = per_rank_schedule(cfg.data.resolution, 4)
+    assert [(schedule.batch_size(e), schedule.min_scale(e)) for e in (0, 14, 15, 99)] == [
+        (256, 0.08), (256, 0.08), (112, 0.087), (112, 0.087)]

@@ -230,13 +230,14 @@ def step_scalars(out, lr: float, resolution: int) -> dict[str, float]:
 def schedule_table(rows: list[dict[str, Any]], images: int, world_size: int) -> str:
     """The dry run's table: one line per epoch."""
     head = (f"{images} training images, {world_size} rank(s)\n"
-            f"{'epoch':>5} {'res':>5} {'batch':>6} {'/rank':>6} {'steps':>6} {'lr first':>10} "
+            f"{'epoch':>5} {'res':>5} {'scale':>6} {'batch':>6} {'/rank':>6} {'steps':>6} {'lr first':>10} "
             f"{'lr last':>10}  mixing (prob, loss weights)")
     lines = [head]
     for r in rows:
         mix = r["mixing"] if r["mixing"] == "none" else (
             f"{r['mixing']} (p {r['mix_prob']:g}, weights {', '.join(f'{w:g}' for w in r['loss_weights'])})")
-        lines.append(f"{r['epoch']:>5} {r['resolution']:>5} {r['batch']:>6} {r['batch_per_rank']:>6} "
+        lines.append(f"{r['epoch']:>5} {r['resolution']:>5} {r['min_scale']:>6g} {r['batch']:>6} "
+                     f"{r['batch_per_rank']:>6} "
                      f"{r['steps']:>6} {r['lr_first']:>10.5g} {r['lr_last']:>10.5g}  {mix}")
     return "\n".join(lines)
 
@@ -246,7 +247,7 @@ def write_schedule_png(rows: list[dict[str, Any]], lr: Callable, path: Path) -> 
     plt = pyplot()
     xs, lrs, res, bounds, start = [], [], [], [], 0
     for prev, r in zip([None, *rows], rows):
-        if prev and (r["resolution"], r["batch"]) != (prev["resolution"], prev["batch"]):
+        if prev and any(r[k] != prev[k] for k in ("phase", "resolution", "batch", "min_scale")):
             bounds.append(start)
         xs += range(start, start + r["steps"])
         lrs += [lr.at(r["epoch"], i, r["steps"]) for i in range(r["steps"])]

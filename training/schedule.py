@@ -2,6 +2,7 @@
 the whole plan the dry run prints and draws."""
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import Shard
-from pipelines.resolution import schedule_from_dict
+from pipelines.resolution import Phases, schedule_from_dict
 
 from .data import count_train_images
 from .report import schedule_table, write_schedule_png
@@ -54,17 +55,21 @@ def mixes_in(cfg: Any, epoch: int) -> bool:
 
 
 def epoch_plan(cfg: Any, images: int, world_size: int, two_pass: bool) -> list[dict[str, Any]]:
-    """Per epoch: resolution, global and per-rank batch, steps, the LR at the first and the
-    last step, mixing and the loss weights of its step (``two_pass``: a saliency mixer)."""
+    """Per epoch: its phase (index in a phase schedule, else 0), resolution, the crop's min
+    scale, global and per-rank batch, steps, the LR at the first and the last step, mixing and
+    the loss weights of its step (``two_pass``: a saliency mixer)."""
     schedule, lr = schedule_from_dict(cfg.data.resolution), lr_schedule(cfg.optim)
     weights = ([cfg.mix.clean_weight, cfg.mix.mixed_weight] if cfg.mix.clean_weight is not None
                else [1 - cfg.mix.eta, cfg.mix.eta])
+    starts = [p.start_epoch for p in schedule.phases] if isinstance(schedule, Phases) else [0]
     rows = []
     for epoch in range(cfg.optim.epochs):
         batch = schedule.batch_size(epoch) or cfg.data.batch_size
         steps = Shard(0, world_size).split(images, batch // world_size, train=True).num_batches
         mixing = mixes_in(cfg, epoch)
-        rows.append({"epoch": epoch, "resolution": schedule.resolution(epoch), "batch": batch,
+        rows.append({"epoch": epoch, "phase": bisect.bisect_right(starts, epoch) - 1,
+                     "resolution": schedule.resolution(epoch),
+                     "min_scale": schedule.min_scale(epoch), "batch": batch,
                      "batch_per_rank": batch // world_size, "steps": steps,
                      "lr_first": lr.at(epoch, 0, steps), "lr_last": lr.at(epoch, steps - 1, steps),
                      "mixing": cfg.mix.kind if mixing else "none",
