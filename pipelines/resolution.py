@@ -76,8 +76,6 @@ def _check_min_scale(min_scale: float | None) -> None:
         raise ValueError(f"min_scale must be a number in (0, 1] or None, got {min_scale!r}")
 
 
-
-
 @dataclass(frozen=True)
 class Fixed:
     """The same resolution every epoch, cropped at the default scale."""
