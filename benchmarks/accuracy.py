@@ -30,13 +30,12 @@ continue: each run is started with ``--resume auto``, so finished runs are only 
 data and model (3,000 train / 500 val images of 10 classes, ResNet-18, batch 64, triangular LR
 peaking at 0.1 after epoch 1, label smoothing 0.1) at **48 px** instead of 64 and **3 epochs**
 instead of 4 (1 warm-up epoch without mixing, then 2 mixed), evaluated once at the end, one
-torch thread (``--threads``). Estimate, from the trainer's ``--profile 8`` at 48 px on this
-machine with other jobs running (load average 3.3, 1 thread): 80 img/s single-pass, 26-38 img/s
-two-pass (Grafting, SAGE), so per seed 9 single-pass epochs of ~38 s (none, mixup, cutmix) +
-2 x (38 s + 2 x ~83 s) (grafting, sage) + ~15 s of start-up and evaluation per run = ~14 min,
-**~41 min for the 3 seeds** under that load; on a quiet machine less (``--threads 2`` there).
-One thread by default because with 2 threads on 2 cores already shared, OpenMP's spinning
-threads made a step 3-5x slower here (1 thread: 6-8 s for a smoke run that took 20-36 s with 2).
+torch thread per run and as many runs at once as there are usable cores (``--threads``,
+``--jobs``; the runs are deterministic, so neither changes a figure, only the time). One thread
+per run because with 2 threads on 2 cores already shared, OpenMP's spinning threads made a step
+3-5x slower here (1 thread: 6-8 s for a smoke run that took 20-36 s with 2). Run one after
+another, the 15 runs took 47.8 min on this machine with other jobs beside them (load average
+1.0-2.8); the time of the parallel run is in the JSON (``seconds``) and the README.
 At 64 px the same plan would take ~1.8x longer (over the budget); the demo README's 4-epoch,
 64 px Grafting run reaches 38.8 % top-1, so expect lower numbers here, far from converged:
 this compares the mixers at one small budget, it does not rank them in general.
@@ -49,11 +48,13 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipelines  # noqa: E402
 import train_imagenet as ti  # noqa: E402
 from mixing.saliency import FeatureSaliency  # noqa: E402
-from pipelines.base import IMAGENET_MEAN_255, val_resize  # noqa: E402
+from pipelines.base import IMAGENET_MEAN_255, RRC_SCALE, val_resize  # noqa: E402
 from pipelines.demo import ensure_demo_dataset, load_boxes  # noqa: E402
 from pipelines.folder import Samples  # noqa: E402
 from pipelines.imagefolder import scan_image_folder  # noqa: E402
@@ -158,7 +159,7 @@ def localisation(model: torch.nn.Module, demo: Path, res: int, batch: int) -> tu
     with FeatureSaliency(model, FEATURE_LAYER) as sal:
         for start in range(0, len(index), batch):
             ids = range(start, min(start + batch, len(index)))
-            images = spec.normalize_uint8(torch.stack([samples[(i, res, 0)][0] for i in ids]))
+            images = spec.normalize_uint8(torch.stack([samples[(i, res, 0, RRC_SCALE)][0] for i in ids]))
             with sal.capture():
                 model(images)
             maps = F.interpolate(sal.pop()[:, None], size=(res, res), mode="bilinear",
@@ -271,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int,
                         help="torch threads (default 1; on a shared machine more can be several "
                              "times slower, on a quiet one 2 is faster)")
+    parser.add_argument("--jobs", type=int,
+                        help="runs trained at once, each in its own process (default: the usable "
+                             "cores over --threads; the runs are deterministic, so this changes "
+                             "the time, not the figures)")
     parser.add_argument("--out", default="benchmarks/results/accuracy.json",
                         help="JSON path; the PNG goes beside it")
     args = parser.parse_args(argv)
@@ -280,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         b["threads"] = args.threads
     torch.set_num_threads(b["threads"])
+    jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) // b["threads"])
     if args.epochs:
         b["epochs"] = args.epochs
         b["lr_peak"] = min(b["lr_peak"], args.epochs)
@@ -289,16 +295,22 @@ def main(argv: list[str] | None = None) -> dict:
     demo = ensure_demo_dataset(demo_root, train_per_class=b["train_per_class"],
                                val_per_class=b["val_per_class"])
     occluded = ensure_occluded(demo / "val", work / "occluded")
+    # Seeds outside: runs start seed by seed, so a partial run covers every mixer.
+    plan = [(mix, seed) for seed in b["seeds"] for mix in args.mixes]
     rows = []
-    for seed in b["seeds"]:                 # seeds outside: a partial run covers every mixer
-        for mix in args.mixes:
-            row = train_and_measure(mix, seed, demo, occluded, work / "runs", b)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(b["threads"],)) as pool:
+        futures = [pool.submit(train_and_measure, mix, seed, demo, occluded, work / "runs", b)
+                   for mix, seed in plan]
+        for future in as_completed(futures):
+            row = future.result()
             rows.append(row)
-            print(f"{mix:9} seed {seed}: val top-1 {100 * row['val_top1']:.1f} %, occluded "
-                  f"{100 * row['occluded_top1']:.1f} %, saliency in box "
+            print(f"{row['mix']:9} seed {row['seed']}: val top-1 {100 * row['val_top1']:.1f} %, "
+                  f"occluded {100 * row['occluded_top1']:.1f} %, saliency in box "
                   f"{100 * row['saliency_in_box']:.1f} % (train {row['train_seconds']:.0f} s, "
                   f"eval {row['eval_seconds']:.0f} s; {(time.time() - start) / 60:.1f} min so far)",
                   flush=True)
+    rows.sort(key=lambda r: plan.index((r["mix"], r["seed"])))
     agg = aggregate(rows, args.mixes)
     box_share = statistics.fmean(r["box_area_share"] for r in rows)
     print(table(agg, box_share, len(b["seeds"])))
@@ -311,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
               "demo": str(demo), "box_area_share": box_share, "summary": agg, "runs": rows,
               "seconds": time.time() - start, "load_average": {"start": load_start,
                                                                 "end": os.getloadavg()},
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "jobs": jobs}
     out.write_text(json.dumps(result, indent=1))
     plot(agg, box_share, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} ({result['seconds'] / 60:.1f} min)")
