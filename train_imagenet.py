@@ -92,7 +92,8 @@ class DataConfig:
     batch_size: int = setting(512, ">= 1")
     """Global batch size (all ranks together); a phase schedule may set its own."""
     resolution: Any = 224
-    """Train resolution: an int or a schedule mapping (kind: fixed | ramp | phases)."""
+    """Train resolution: an int or a schedule mapping (kind: fixed | ramp | phases); each phase
+    may set its batch size (bs) and random-resized-crop minimum scale (min_scale, 0.08)."""
     val_resolution: int = neutral(224)
     val_batch_size: int | None = neutral(None, ">= 1", note="or null: the training batch size")
     """None: the training batch size."""
@@ -253,7 +254,8 @@ ALIASES = {"--arch": "model.arch", "--data": "data.path", "--loader": "data.load
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults < YAML file (``--config``) < command line; then validate."""
+    """Defaults < YAML file (``--config``) < command line; then validate
+    (:mod:`training.validation`)."""
     cfg = conf.parse(Config(), argv, ALIASES, flags={"--dry-run": "run.dry_run"},
                      description=__doc__.split("\n\n")[0],
                      epilog="Every field is also settable as --section.field VALUE (YAML syntax), "
