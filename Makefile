@@ -9,6 +9,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG ?= configs/demo.yaml
 DATA ?=
 ARGS ?=
+# Test processes: one per core, at most 4 (each test file runs whole in one of them).
+TEST_JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: setup train test bench clean
 
@@ -31,7 +33,7 @@ train: $(STAMP)
 	$(PY) train_imagenet.py --config $(CONFIG) $(if $(DATA),--data $(DATA)) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/mixing.py
