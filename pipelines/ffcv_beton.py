@@ -104,6 +104,9 @@ def write_beton(
     pages of ``page_size`` bytes (FFCV's: a power of 2, 2 MiB to 4 GiB; default 8 MiB).
     Raises :class:`UndecodableImageError` naming every file that does not decode; the file at
     ``path`` appears only when complete, so a failed or killed write never leaves one.
+    FFCV's writer forks its worker processes: write before this process starts DALI or FFCV
+    loaders (a fork beside their threads hung once in this project's tests), as the trainer
+    does.
     """
     _check_write_args(max_resolution, jpeg_quality, compress_probability, write_mode,
                       smart_threshold, chunk_size)
