@@ -62,10 +62,13 @@ def test_piecewise_lr_interpolates_between_knots():
 
 
 def test_resolution_and_batch_size_follow_the_phase_schedule(demo, tmp_path):
-    """Every batch of epoch e has the schedule's size for e; the log says so too."""
-    phases = "{kind: phases, phases: [{start_epoch: 0, res: 32, bs: 16}, {start_epoch: 1, res: 48, bs: 8}]}"
+    """Every batch of epoch e has the schedule's size for e; the log says so too; the loader
+    crops at each phase's min scale."""
+    phases = ("{kind: phases, phases: [{start_epoch: 0, res: 32, bs: 16}, "
+              "{start_epoch: 1, res: 48, bs: 8, min_scale: 0.5}]}")
     cfg = ti.parse_config(args(demo, tmp_path, "--data.resolution", phases))
     trainer = ti.Trainer(cfg)
+    assert [trainer.data.train.crop_scale_at(e) for e in (0, 1)] == [(0.08, 1.0), (0.5, 1.0)]
     shapes = []
     trainer.model.register_forward_pre_hook(lambda m, inp: shapes.append(tuple(inp[0].shape))
                                             if m.training else None)
