@@ -8,10 +8,10 @@ then ``NormalizeImage`` and ``ToTorchImage``; validation: ``CenterCropRGBImageDe
 ``VAL_CROP_RATIO`` (its crop at least 1 px: FFCV's crop of a 1 px short side is empty, and
 OpenCV aborts the process on it). ``set_epoch(e, start_batch=k)`` hands FFCV only the batches
 from ``k`` on, so the skipped ones are never read; crops are keyed by batch content, so the
-resumed batches are bitwise those of an uninterrupted epoch. With CUDA the uint8 batch goes to the GPU (``ToDevice``) and is normalised
-there, by ``NormalizeImage`` (whose GPU kernel needs cupy) or, without cupy, by torch. On a
-CPU-only machine ``NormalizeImage`` runs in FFCV's JIT stage and no CUDA call is made (FFCV's own
-``pin_memory`` attempts fail quietly). bfloat16 is one cast of the float32 output (``Convert``).
+resumed batches are bitwise those of an uninterrupted epoch. With CUDA the uint8 batch goes to
+the GPU (``ToDevice``) and is normalised there, by ``NormalizeImage`` (whose GPU kernel needs
+cupy) or, without cupy, by torch. On a CPU-only machine ``NormalizeImage`` runs in FFCV's JIT
+stage and no CUDA call is made (FFCV's own ``pin_memory`` attempts fail quietly). bfloat16 is one cast of the float32 output (``Convert``).
 Progressive resizing sets the decoder's ``output_size`` at the epoch boundary (FFCV's method);
 a new FFCV ``Loader`` is built only when the batch size or the crop scale changes (the scale is
 compiled into the decoder). Note that FFCV sets torch's intra-op thread count to
